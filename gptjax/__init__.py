@@ -1,0 +1,37 @@
+"""gptjax: the GPT-2 model of *Build a Large Language Model (From Scratch)*, chapter 5, in JAX/Flax."""
+
+from gptjax.config import GPT_CONFIG_124M, PRESETS, GPTConfig, get_config
+from gptjax.model import (
+    GPTModel,
+    abstract_params,
+    apply,
+    apply_with_cache,
+    causal_attention,
+    init_cache,
+    init_params,
+    model_from_params,
+    param_count,
+)
+from gptjax.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from gptjax.weights.book import from_torch_state_dict, to_torch_state_dict
+
+__all__ = [
+    "GPT_CONFIG_124M",
+    "PRESETS",
+    "GPTConfig",
+    "GPTModel",
+    "abstract_params",
+    "apply",
+    "apply_with_cache",
+    "causal_attention",
+    "from_torch_state_dict",
+    "get_config",
+    "get_tokenizer",
+    "init_cache",
+    "init_params",
+    "model_from_params",
+    "param_count",
+    "text_to_token_ids",
+    "to_torch_state_dict",
+    "token_ids_to_text",
+]

@@ -1,0 +1,270 @@
+"""The book's GPTModel (chapter 4) as Flax NNX modules, and the pure functions that run it.
+
+Module and attribute names follow the book's PyTorch code, so the parameter tree reads like its
+``state_dict``: ``trf_blocks[0]["att"]["W_query"]["kernel"]`` is ``trf_blocks.0.att.W_query.weight``
+(transposed: Flax kernels are [in, out], torch Linear weights [out, in]).
+
+The modules are built once per config and split into a static graph definition and a parameter
+tree (a plain nested dict of arrays). Everything downstream (training, sampling, weight formats,
+checkpoints) works on that tree through the pure functions at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax.config import GPTConfig
+
+Params = dict[str, Any]
+KVCache = list[dict[str, jax.Array]]
+
+# torch's default initialisers, so that training from scratch starts where the book's runs start
+# (nn.Embedding: N(0, 1); nn.Linear: weight and bias uniform in +-1/sqrt(fan_in)).
+_embedding_init = jax.nn.initializers.normal(stddev=1.0)
+_kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _linear(d_in: int, d_out: int, *, use_bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out, use_bias=use_bias, kernel_init=_kernel_init, bias_init=_bias_init(d_in), rngs=rngs
+    )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with the book's parameter names; biased variance and eps 1e-5 like torch."""
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((emb_dim,), jnp.float32))
+        self.shift = nnx.Param(jnp.zeros((emb_dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32 whatever the compute dtype: they are where low precision hurts.
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        norm_x = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (self.scale[...] * norm_x + self.shift[...]).astype(x.dtype)
+
+
+class GELU(nnx.Module):
+    """The tanh approximation of GELU used by GPT-2 and the book."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return 0.5 * x * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x**3)))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        # A list rather than nnx.Sequential keeps the book's key names: ff.layers.0 / ff.layers.2.
+        self.layers = nnx.List(
+            [
+                _linear(cfg.emb_dim, 4 * cfg.emb_dim, use_bias=True, rngs=rngs),
+                GELU(),
+                _linear(4 * cfg.emb_dim, cfg.emb_dim, use_bias=True, rngs=rngs),
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_offset: int | jax.Array = 0,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with a causal mask.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim]. Query i sits at
+    position ``q_offset + i`` and key j at position j; a query attends to keys at positions <= its
+    own. With a KV cache, keys past the filled part of the cache are therefore masked too.
+    ``dropout`` is applied to the attention weights, as in the book.
+    """
+    head_dim = q.shape[-1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
+    k_pos = jnp.arange(k.shape[1])[None, :]
+    scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+class MultiHeadAttention(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float, qkv_bias: bool, *, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = _linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
+        self.W_key = _linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
+        self.W_value = _linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
+        self.out_proj = _linear(d_out, d_out, use_bias=True, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        pos: int | jax.Array = 0,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
+        q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
+        if cache is not None:
+            # Write this chunk's keys and values at positions pos..pos+t-1 and attend over the
+            # whole preallocated cache; the causal mask hides the slots not yet written.
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))
+            cache = {"k": k, "v": v}
+        dropout = None if rngs is None else functools.partial(self.dropout, deterministic=False, rngs=rngs)
+        context = causal_attention(q, k, v, q_offset=pos, dropout=dropout)
+        return self.out_proj(context.reshape(b, t, -1)), cache
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.att = MultiHeadAttention(
+            cfg.emb_dim, cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, rngs=rngs
+        )
+        self.ff = FeedForward(cfg, rngs=rngs)
+        self.norm1 = LayerNorm(cfg.emb_dim)
+        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.drop_shortcut = nnx.Dropout(cfg.drop_rate)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cache: dict[str, jax.Array] | None = None,
+        pos: int | jax.Array = 0,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
+        shortcut = x
+        x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos)
+        x = drop(x) + shortcut
+        shortcut = x
+        x = drop(self.ff(self.norm2(x))) + shortcut
+        return x, cache
+
+
+class GPTModel(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.context_length = cfg.context_length
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_embedding_init, rngs=rngs)
+        self.pos_emb = nnx.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embedding_init, rngs=rngs)
+        self.drop_emb = nnx.Dropout(cfg.drop_rate)
+        self.trf_blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.out_head = _linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(
+        self,
+        in_idx: jax.Array,
+        *,
+        rngs: nnx.Rngs | None = None,
+        cache: KVCache | None = None,
+        pos: int | jax.Array = 0,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [batch, seq, vocab] in float32; with ``cache``, also the updated cache."""
+        _, seq_len = in_idx.shape
+        if seq_len > self.context_length:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds the model's context_length {self.context_length}; "
+                f"pass at most the last {self.context_length} tokens"
+            )
+        x = self.tok_emb(in_idx) + self.pos_emb(pos + jnp.arange(seq_len))
+        x = self.drop_emb(x, deterministic=rngs is None, rngs=rngs)
+        new_cache = []
+        for i, block in enumerate(self.trf_blocks):
+            x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
+            new_cache.append(layer_cache)
+        logits = self.out_head(self.final_norm(x)).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API: the parameter tree is the single source of truth.
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef(cfg: GPTConfig) -> nnx.GraphDef:
+    """The static structure of GPTModel for ``cfg``, built once (abstractly) per config."""
+    abstract = nnx.eval_shape(lambda: GPTModel(cfg, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)[0]
+
+
+def model_from_params(params: Params, cfg: GPTConfig) -> GPTModel:
+    """The NNX module carrying ``params``: for interactive use and inside pure functions."""
+    return nnx.merge(graphdef(cfg), params)
+
+
+def init_params(cfg: GPTConfig, seed: int | jax.Array = 0) -> Params:
+    """A freshly initialised parameter tree: a nested dict of float32 arrays."""
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+
+    @jax.jit
+    def _init(key):
+        return nnx.to_pure_dict(nnx.state(GPTModel(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
+
+    return _init(key)
+
+
+def abstract_params(cfg: GPTConfig) -> Params:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, with nothing allocated."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "train"))
+def apply(
+    params: Params, cfg: GPTConfig, token_ids: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+) -> jax.Array:
+    """Logits [batch, seq, vocab] (float32) for ``token_ids`` [batch, seq].
+
+    ``train=True`` turns dropout on and needs ``rng``, a fresh key per call.
+    """
+    if train and rng is None:
+        raise ValueError("apply(train=True) needs rng=<a jax.random key> for dropout")
+    model = model_from_params(params, cfg)
+    return model(token_ids, rngs=nnx.Rngs(dropout=rng) if train else None)
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty KV cache of context_length slots per layer, for :func:`apply_with_cache`."""
+    shape = (batch_size, cfg.context_length, cfg.n_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+
+
+def apply_with_cache(
+    params: Params, cfg: GPTConfig, token_ids: jax.Array, cache: KVCache, pos: int | jax.Array
+) -> tuple[jax.Array, KVCache]:
+    """Logits for ``token_ids`` placed at positions pos..pos+seq-1, reading and extending ``cache``.
+
+    Pure and traceable; callers jit it (``pos`` may be traced). Positions must stay below
+    context_length: the caller slides the window, as :mod:`gptjax.sampling` does.
+    """
+    return model_from_params(params, cfg)(token_ids, cache=cache, pos=pos)
+
+
+def param_count(params: Params) -> int:
+    """Number of scalars in the parameter tree (the book counts out_head separately from tok_emb)."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
