@@ -13,6 +13,8 @@ from gptjax.model import (
     param_count,
 )
 from gptjax.tokenizer import get_tokenizer, text_to_token_ids, token_ids_to_text
+from gptjax.sampling import generate
+from gptjax.weights import load_weights, save_weights
 from gptjax.weights.book import from_torch_state_dict, to_torch_state_dict
 
 __all__ = [
@@ -25,12 +27,15 @@ __all__ = [
     "apply_with_cache",
     "causal_attention",
     "from_torch_state_dict",
+    "generate",
     "get_config",
     "get_tokenizer",
     "init_cache",
     "init_params",
+    "load_weights",
     "model_from_params",
     "param_count",
+    "save_weights",
     "text_to_token_ids",
     "to_torch_state_dict",
     "token_ids_to_text",

@@ -7,6 +7,14 @@ Module and attribute names follow the book's PyTorch code, so the parameter tree
 The modules are built once per config and split into a static graph definition and a parameter
 tree (a plain nested dict of arrays). Everything downstream (training, sampling, weight formats,
 checkpoints) works on that tree through the pure functions at the bottom of this file.
+
+Speed options (``apply``/``apply_with_cache`` keywords; the defaults compute exactly what the book
+computes, in float32): ``dtype=jnp.bfloat16`` runs the matmuls in bfloat16 while parameters, the
+residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True`` recomputes
+each block's activations in the backward pass instead of storing them. Always on, because they
+change no result beyond float rounding: one fused matmul for the query, key and value projections,
+and ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in bf16) whenever no dropout
+touches the attention weights. benchmarks/NOTES.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ def _bias_init(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _linear(d_in: int, d_out: int, *, use_bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(d_in: int, d_out: int, *, use_bias: bool, dtype: Any, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+    # dtype is the compute dtype: nnx.Linear casts its input and float32 parameters to it.
     return nnx.Linear(
-        d_in, d_out, use_bias=use_bias, kernel_init=_kernel_init, bias_init=_bias_init(d_in), rngs=rngs
+        d_in, d_out, use_bias=use_bias, dtype=dtype, kernel_init=_kernel_init, bias_init=_bias_init(d_in),
+        rngs=rngs, **kwargs,
     )
 
 
@@ -66,13 +76,13 @@ class GELU(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         # A list rather than nnx.Sequential keeps the book's key names: ff.layers.0 / ff.layers.2.
         self.layers = nnx.List(
             [
-                _linear(cfg.emb_dim, 4 * cfg.emb_dim, use_bias=True, rngs=rngs),
+                _linear(cfg.emb_dim, 4 * cfg.emb_dim, use_bias=True, dtype=dtype, rngs=rngs),
                 GELU(),
-                _linear(4 * cfg.emb_dim, cfg.emb_dim, use_bias=True, rngs=rngs),
+                _linear(4 * cfg.emb_dim, cfg.emb_dim, use_bias=True, dtype=dtype, rngs=rngs),
             ]
         )
 
@@ -95,10 +105,11 @@ def causal_attention(
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim]. Query i sits at
     position ``q_offset + i`` and key j at position j; a query attends to keys at positions <= its
     own. With a KV cache, keys past the filled part of the cache are therefore masked too.
-    ``dropout`` is applied to the attention weights, as in the book.
+    ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
+    float32 whatever the input dtype.
     """
     head_dim = q.shape[-1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
     q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
     k_pos = jnp.arange(k.shape[1])[None, :]
     scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
@@ -108,15 +119,61 @@ def causal_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 
 
+def fused_causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: int | jax.Array = 0
+) -> jax.Array:
+    """:func:`causal_attention` without dropout, through ``jax.nn.dot_product_attention``.
+
+    Self-attention over a whole sequence (``q_offset`` 0, as many keys as queries) in bf16/fp16 on
+    a GPU goes to cuDNN's flash attention, which never materialises the [q_len, kv_len] weights and
+    skips the masked half; everything else (float32, CPU, TPU, the KV-cache path) uses XLA's
+    implementation, the same computation as causal_attention.
+    """
+    if isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
+    mask = jnp.arange(k.shape[1])[None, :] <= q_pos
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+
+
 class MultiHeadAttention(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, num_heads: int, dropout: float, qkv_bias: bool, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        num_heads: int,
+        dropout: float,
+        qkv_bias: bool,
+        *,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.W_query = _linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
-        self.W_key = _linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
-        self.W_value = _linear(d_in, d_out, use_bias=qkv_bias, rngs=rngs)
-        self.out_proj = _linear(d_out, d_out, use_bias=True, rngs=rngs)
+        self.dtype = dtype
+        self.W_query = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.W_key = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.W_value = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.out_proj = _linear(d_out, d_out, use_bias=True, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
+
+    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The three projections as one matmul against the kernels side by side ([d_in, 3 * d_out]).
+
+        One large GEMM instead of three smaller ones reading the same input; the parameter tree
+        keeps the book's three Linear layers (the concatenation happens inside the jitted function,
+        and its gradient is split back into the three kernels).
+        """
+        layers = (self.W_query, self.W_key, self.W_value)
+        kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+        bias = jnp.concatenate([layer.bias[...] for layer in layers]) if self.W_query.use_bias else None
+        x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        qkv = x @ kernel
+        if bias is not None:
+            qkv = qkv + bias
+        return tuple(jnp.split(qkv, 3, axis=-1))
 
     def __call__(
         self,
@@ -127,25 +184,28 @@ class MultiHeadAttention(nnx.Module):
         pos: int | jax.Array = 0,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # noqa: E731
-        q, k, v = split(self.W_query(x)), split(self.W_key(x)), split(self.W_value(x))
+        q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in self.project_qkv(x))
         if cache is not None:
             # Write this chunk's keys and values at positions pos..pos+t-1 and attend over the
             # whole preallocated cache; the causal mask hides the slots not yet written.
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))
             cache = {"k": k, "v": v}
-        dropout = None if rngs is None else functools.partial(self.dropout, deterministic=False, rngs=rngs)
-        context = causal_attention(q, k, v, q_offset=pos, dropout=dropout)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if rngs is not None and self.dropout.rate > 0:
+            dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
+            context = causal_attention(q, k, v, q_offset=pos, dropout=dropout)
+        else:
+            context = fused_causal_attention(q, k, v, q_offset=pos)
         return self.out_proj(context.reshape(b, t, -1)), cache
 
 
 class TransformerBlock(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.att = MultiHeadAttention(
-            cfg.emb_dim, cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, rngs=rngs
+            cfg.emb_dim, cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias, dtype=dtype, rngs=rngs
         )
-        self.ff = FeedForward(cfg, rngs=rngs)
+        self.ff = FeedForward(cfg, dtype=dtype, rngs=rngs)
         self.norm1 = LayerNorm(cfg.emb_dim)
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nnx.Dropout(cfg.drop_rate)
@@ -161,21 +221,36 @@ class TransformerBlock(nnx.Module):
         drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
         shortcut = x
         x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos)
+        # The residual stream stays float32: with bf16 compute, the branch output is promoted here.
         x = drop(x) + shortcut
         shortcut = x
         x = drop(self.ff(self.norm2(x))) + shortcut
         return x, cache
 
 
+@nnx.remat
+def _block_rematerialized(block: TransformerBlock, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    """One block under jax.checkpoint: only its input is kept for the backward pass."""
+    return block(x, rngs=rngs)[0]
+
+
 class GPTModel(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    """The book's GPTModel. ``dtype`` is the matmul compute dtype (parameters stay float32);
+    ``remat`` recomputes each block's activations in the backward pass (training only)."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False):
         self.context_length = cfg.context_length
+        self.remat = remat
         self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_embedding_init, rngs=rngs)
         self.pos_emb = nnx.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embedding_init, rngs=rngs)
         self.drop_emb = nnx.Dropout(cfg.drop_rate)
-        self.trf_blocks = nnx.List([TransformerBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.trf_blocks = nnx.List([TransformerBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = _linear(cfg.emb_dim, cfg.vocab_size, use_bias=False, rngs=rngs)
+        # Logits in float32 straight from the matmul's accumulator, whatever the compute dtype.
+        self.out_head = _linear(
+            cfg.emb_dim, cfg.vocab_size, use_bias=False, dtype=dtype, preferred_element_type=jnp.float32,
+            rngs=rngs,
+        )
 
     def __call__(
         self,
@@ -196,9 +271,16 @@ class GPTModel(nnx.Module):
         x = self.drop_emb(x, deterministic=rngs is None, rngs=rngs)
         new_cache = []
         for i, block in enumerate(self.trf_blocks):
-            x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
+            if self.remat and cache is None:
+                x, layer_cache = _block_rematerialized(block, x, rngs), None
+            else:
+                x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
+            # Materialise the residual stream between blocks (and, through the barrier's transpose,
+            # its gradient): without it XLA:CPU fuses the backward pass's gradient chain across all
+            # blocks into each consumer and recomputes it there, O(n_layers^2) work.
+            x = jax.lax.optimization_barrier(x)
             new_cache.append(layer_cache)
-        logits = self.out_head(self.final_norm(x)).astype(jnp.float32)
+        logits = self.out_head(self.final_norm(x))
         return logits if cache is None else (logits, new_cache)
 
 
@@ -206,16 +288,25 @@ class GPTModel(nnx.Module):
 # Functional API: the parameter tree is the single source of truth.
 
 
+def _compute_dtype(dtype: Any) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
 @functools.lru_cache(maxsize=None)
-def graphdef(cfg: GPTConfig) -> nnx.GraphDef:
-    """The static structure of GPTModel for ``cfg``, built once (abstractly) per config."""
-    abstract = nnx.eval_shape(lambda: GPTModel(cfg, rngs=nnx.Rngs(0)))
+def graphdef(cfg: GPTConfig, dtype: Any = jnp.float32, remat: bool = False) -> nnx.GraphDef:
+    """The static structure of GPTModel for ``cfg`` (and compute options), built once (abstractly)."""
+    abstract = nnx.eval_shape(lambda: GPTModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
     return nnx.split(abstract)[0]
 
 
-def model_from_params(params: Params, cfg: GPTConfig) -> GPTModel:
+def model_from_params(
+    params: Params, cfg: GPTConfig, *, dtype: Any = jnp.float32, remat: bool = False
+) -> GPTModel:
     """The NNX module carrying ``params``: for interactive use and inside pure functions."""
-    return nnx.merge(graphdef(cfg), params)
+    return nnx.merge(graphdef(cfg, _compute_dtype(dtype), remat), params)
 
 
 def init_params(cfg: GPTConfig, seed: int | jax.Array = 0) -> Params:
@@ -234,17 +325,27 @@ def abstract_params(cfg: GPTConfig) -> Params:
     return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "train"))
+@functools.partial(jax.jit, static_argnames=("cfg", "train", "dtype", "remat"))
 def apply(
-    params: Params, cfg: GPTConfig, token_ids: jax.Array, *, train: bool = False, rng: jax.Array | None = None
+    params: Params,
+    cfg: GPTConfig,
+    token_ids: jax.Array,
+    *,
+    train: bool = False,
+    rng: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
 ) -> jax.Array:
     """Logits [batch, seq, vocab] (float32) for ``token_ids`` [batch, seq].
 
-    ``train=True`` turns dropout on and needs ``rng``, a fresh key per call.
+    ``train=True`` turns dropout on and needs ``rng``, a fresh key per call. ``dtype`` is the
+    matmul compute dtype (``jnp.bfloat16`` for mixed precision; parameters, softmax, LayerNorm
+    statistics and logits stay float32). ``remat=True`` rematerialises each transformer block in
+    the backward pass: less activation memory for about a third more compute.
     """
     if train and rng is None:
         raise ValueError("apply(train=True) needs rng=<a jax.random key> for dropout")
-    model = model_from_params(params, cfg)
+    model = model_from_params(params, cfg, dtype=dtype, remat=remat)
     return model(token_ids, rngs=nnx.Rngs(dropout=rng) if train else None)
 
 
@@ -255,14 +356,21 @@ def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32) -> KVC
 
 
 def apply_with_cache(
-    params: Params, cfg: GPTConfig, token_ids: jax.Array, cache: KVCache, pos: int | jax.Array
+    params: Params,
+    cfg: GPTConfig,
+    token_ids: jax.Array,
+    cache: KVCache,
+    pos: int | jax.Array,
+    *,
+    dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, KVCache]:
     """Logits for ``token_ids`` placed at positions pos..pos+seq-1, reading and extending ``cache``.
 
     Pure and traceable; callers jit it (``pos`` may be traced). Positions must stay below
-    context_length: the caller slides the window, as :mod:`gptjax.sampling` does.
+    context_length: the caller slides the window, as :mod:`gptjax.sampling` does. ``dtype`` is the
+    compute dtype as in :func:`apply`; the cache keeps its own dtype (see :func:`init_cache`).
     """
-    return model_from_params(params, cfg)(token_ids, cache=cache, pos=pos)
+    return model_from_params(params, cfg, dtype=dtype)(token_ids, cache=cache, pos=pos)
 
 
 def param_count(params: Params) -> int:

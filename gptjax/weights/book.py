@@ -5,12 +5,27 @@ torch is imported only inside the functions that need it, so the rest of gptjax 
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights.mapping import Row, params_from_tensors, tensors_from_params
+from gptjax.weights.mapping import (
+    SIDECAR,
+    Row,
+    atomic_file,
+    check_config,
+    check_sidecar_free,
+    heads_for,
+    one_line,
+    params_from_tensors,
+    read_sidecar,
+    tensors_from_params,
+    write_sidecar,
+)
 
 MASK_SUFFIX = ".att.mask"
 
@@ -62,3 +77,90 @@ def _to_numpy(value: Any):
     if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy dtype, so upcast first
         return value.detach().to("cpu").float().numpy()
     return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: torch.save'd state_dicts (.pth / .pt), the book's checkpoint dicts, and their config
+
+
+def config_from_tensors(
+    shapes: Mapping[str, tuple[int, ...]], given: GPTConfig | None, sidecar: GPTConfig | None, *, source: str
+) -> GPTConfig:
+    """The config implied by book-named tensor shapes. The head count is not in the shapes: it comes from
+    ``given``, else the ``sidecar`` config.json, else GPT-2's 64-wide heads."""
+    if "tok_emb.weight" not in shapes or "pos_emb.weight" not in shapes:
+        raise ValueError(
+            f"{source}: missing tensor 'tok_emb.weight' or 'pos_emb.weight'; "
+            "this is not a state_dict of the book's GPTModel"
+        )
+    vocab_size, emb_dim = shapes["tok_emb.weight"]
+    layers = [int(m.group(1)) for k in shapes if (m := _BLOCK_KEY.match(k))]
+    found = dict(
+        vocab_size=int(vocab_size),
+        context_length=int(shapes["pos_emb.weight"][0]),
+        emb_dim=int(emb_dim),
+        n_layers=max(layers) + 1 if layers else 0,
+        qkv_bias="trf_blocks.0.att.W_query.bias" in shapes,
+    )
+    if found["n_layers"] == 0:
+        raise ValueError(f"{source}: no transformer blocks (no 'trf_blocks.0.norm1.scale'); the file is incomplete")
+    if given is not None:
+        return check_config(given, found, source)
+    if sidecar is not None:
+        return check_config(sidecar, found, f"{source} (with the {SIDECAR} beside it)")
+    return GPTConfig(**found, n_heads=heads_for(found["emb_dim"], source))
+
+
+def load_book_tensors(
+    tensors: Mapping[str, Any], path: Path, cfg: GPTConfig | None, *, source: str
+) -> tuple[Params, GPTConfig]:
+    """Parameters and config from book-named tensors read out of ``path``."""
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    cfg = config_from_tensors(shapes, cfg, None if cfg else read_sidecar(path), source=source)
+    tensors = {k: _to_numpy(v) for k, v in tensors.items()}
+    return params_from_tensors(book_table(cfg), tensors, cfg, source=source, ignore=(MASK_SUFFIX,)), cfg
+
+
+def load_torch(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
+    """A torch.save'd book ``GPTModel.state_dict()``, or the book's ``{"model_state_dict": ...,
+    "optimizer_state_dict": ...}`` checkpoint, read with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    torch = _import_torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"torch checkpoint {path} not found") from None
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise ValueError(
+            f"cannot read torch checkpoint {path}: {one_line(e)}; the file is truncated, corrupt or not from torch.save"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__}, not a state_dict of tensors (nor the book's "
+            "{'model_state_dict': ...} checkpoint); save model.state_dict()"
+        )
+    return load_book_tensors(obj, path, cfg, source=f"torch checkpoint {path}")
+
+
+def save_torch(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
+    """torch.save the book's state_dict to ``path`` atomically, with the config in a config.json beside it
+    (the head count is not in the tensor shapes; one model's config per folder)."""
+    torch = _import_torch()
+    check_sidecar_free(path)
+    state = to_torch_state_dict(params, cfg)
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+    write_sidecar(path, cfg)
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        raise ValueError("reading or writing torch .pth files needs PyTorch: pip install gptjax[torch]") from None
+    return torch
+
+
+_BLOCK_KEY = re.compile(r"trf_blocks\.(\d+)\.norm1\.scale$")

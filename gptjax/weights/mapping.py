@@ -1,9 +1,18 @@
-"""Shared machinery for the weight formats: a table row maps one external tensor to one tree path."""
+"""Shared machinery for the weight formats: a table row maps one external tensor (or one part of a
+fused tensor) to one tree path; plus the config and atomic-write helpers every format uses."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import functools
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -18,11 +27,22 @@ TreePath = tuple[Any, ...]
 
 @dataclass(frozen=True)
 class Row:
-    """``key`` in the external format is ``path`` in the gptjax tree; ``transpose`` for torch-style [out, in]."""
+    """``key`` in the external format is ``path`` in the gptjax tree; ``transpose`` for torch-style [out, in].
+
+    ``part=(i, n)``: the tensor fuses ``n`` equal slices along its last axis (GPT-2's c_attn holds
+    query, key and value side by side) and this row is slice ``i``.
+    """
 
     key: str
     path: TreePath
     transpose: bool = False
+    part: tuple[int, int] | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract(cfg: GPTConfig) -> Params:
+    """abstract_params, once per config: building the model abstractly takes seconds for GPT-2 XL."""
+    return abstract_params(cfg)
 
 
 def get_path(tree: Mapping, path: TreePath) -> Any:
@@ -50,7 +70,7 @@ def params_from_tensors(
     may be left over (except names ending in one of ``ignore``): a mismatch is an error naming
     the tensor, never a silently half-loaded model.
     """
-    expected = abstract_params(cfg)
+    expected = _abstract(cfg)
     wanted = {row.key for row in table}
     missing = [row.key for row in table if row.key not in tensors]
     if missing:
@@ -66,24 +86,170 @@ def params_from_tensors(
         )
     params: dict = {}
     for row in table:
-        value = np.asarray(tensors[row.key], dtype=np.float32)
+        # jnp rather than np so that the tables can also be checked abstractly under jax.eval_shape;
+        # a copy, since jnp.asarray may alias host memory (a torch tensor that an optimizer mutates).
+        value = jnp.array(tensors[row.key], dtype=jnp.float32, copy=True)
         if row.transpose:
             value = value.T
         want = tuple(get_path(expected, row.path).shape)
-        if value.shape != want:
+        full = want if row.part is None else (*want[:-1], want[-1] * row.part[1])
+        if value.shape != full:
             got = value.T.shape if row.transpose else value.shape
             raise ValueError(
                 f"{source}: tensor {row.key!r} has shape {tuple(got)}, expected "
-                f"{tuple(reversed(want)) if row.transpose else want} for config {cfg}"
+                f"{tuple(reversed(full)) if row.transpose else full} for config {cfg}"
             )
-        set_path(params, row.path, jnp.asarray(value))
+        if row.part is not None:
+            i, size = row.part[0], want[-1]
+            value = value[..., i * size : (i + 1) * size]
+        set_path(params, row.path, value)
     return params
 
 
 def tensors_from_params(table: list[Row], params: Params) -> dict[str, np.ndarray]:
     """The external tensors (float32 numpy, C-contiguous) for ``params`` following ``table``."""
-    out = {}
+    out: dict[str, np.ndarray] = {}
+    parts: dict[str, dict[int, np.ndarray]] = {}
     for row in table:
         value = np.asarray(jax.device_get(get_path(params, row.path)), dtype=np.float32)
-        out[row.key] = np.array(value.T if row.transpose else value, order="C")  # a writable copy
+        value = value.T if row.transpose else value
+        if row.part is None:
+            out[row.key] = np.array(value, order="C")  # a writable copy
+        else:
+            parts.setdefault(row.key, {})[row.part[0]] = value
+    for key, pieces in parts.items():
+        out[key] = np.concatenate([pieces[i] for i in sorted(pieces)], axis=-1)
     return out
+
+
+def check_params(params: Params, cfg: GPTConfig) -> None:
+    """``params`` must be a full tree with the shapes ``cfg`` implies (before writing them anywhere)."""
+    expected = jax.tree_util.tree_flatten_with_path(_abstract(cfg))[0]
+    for key_path, want in expected:
+        path = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in key_path)
+        try:
+            got = tuple(get_path(params, path).shape)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ValueError(f"the parameters have no {path_str(path)!r} for config {cfg}") from None
+        if got != tuple(want.shape):
+            raise ValueError(
+                f"parameter {path_str(path)!r} has shape {got}, expected {tuple(want.shape)} for config {cfg}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+ARCH_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads", "qkv_bias")
+GPT2_HEAD_DIM = 64
+
+
+def heads_for(emb_dim: int, source: str) -> int:
+    """The head count when only the tensors are known: the shapes do not hold it, so assume GPT-2's 64-wide heads."""
+    if emb_dim % GPT2_HEAD_DIM:
+        raise ValueError(
+            f"{source}: the head count cannot be read from the tensors and emb_dim {emb_dim} is not a multiple "
+            f"of GPT-2's head size {GPT2_HEAD_DIM}; pass the config (cfg=..., or a config.json beside the file)"
+        )
+    return emb_dim // GPT2_HEAD_DIM
+
+
+def check_config(given: GPTConfig, found: Mapping[str, Any], source: str) -> GPTConfig:
+    """``given``, once every architecture setting in ``found`` (what the file holds) agrees with it."""
+    for name in ARCH_FIELDS:
+        if name in found and getattr(given, name) != found[name]:
+            raise ValueError(
+                f"{source}: the weights have {name}={found[name]!r} but the given config has "
+                f"{name}={getattr(given, name)!r}; drop that setting or load matching weights"
+            )
+    return given
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: a failed save leaves the destination as it was
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path next to ``path`` that replaces it when the block succeeds, and is removed if not."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replaceable: Callable[[Path], bool]) -> Iterator[Path]:
+    """A temporary directory that becomes ``path`` when the block succeeds. An existing ``path`` is
+    replaced only if ``replaceable(path)`` (a folder of the same format), never merged into."""
+    path = Path(path).absolute()
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or replaceable(path))):
+        raise ValueError(f"{path} exists and is not a weights folder of this format; choose a new path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The config.json that save_weights writes beside single-file formats (.pth, .safetensors)
+
+SIDECAR = "config.json"
+
+
+def sidecar_path(weights_file: str | os.PathLike) -> Path:
+    return Path(weights_file).with_name(SIDECAR)
+
+
+def read_sidecar(weights_file: str | os.PathLike) -> GPTConfig | None:
+    """The gptjax config beside ``weights_file``: ``{"format": "gptjax", "model": {...}}`` as save_weights
+    writes it, or the book's plain GPT_CONFIG dict. Any other config.json (say a Hugging Face one) is not ours."""
+    path = sidecar_path(weights_file)
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {one_line(e)}; fix or remove it, or pass the config") from None
+    if isinstance(d, dict) and d.get("format") == "gptjax" and isinstance(d.get("model"), dict):
+        d = d["model"]
+    if not isinstance(d, dict) or "n_heads" not in d:
+        return None
+    try:
+        return GPTConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid gptjax config: {one_line(e)}") from None
+
+
+def check_sidecar_free(weights_file: str | os.PathLike) -> None:
+    """Before writing ``weights_file``: a config.json beside it must be ours to replace (not, say, a
+    Hugging Face folder's)."""
+    path = sidecar_path(weights_file)
+    if path.exists() and read_sidecar(weights_file) is None:
+        raise ValueError(f"{path} exists and is not a gptjax config; write {Path(weights_file).name} to another folder")
+
+
+def write_sidecar(weights_file: str | os.PathLike, cfg: GPTConfig) -> None:
+    with atomic_file(sidecar_path(weights_file)) as tmp:
+        tmp.write_text(json.dumps({"format": "gptjax", "model": cfg.to_dict()}, indent=2) + "\n")
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, for wrapping library errors into ours."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

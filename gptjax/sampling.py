@@ -1,0 +1,277 @@
+"""Text generation (chapter 5's ``generate``) with a KV cache, and the sampling filters it composes.
+
+Decoding strategy:
+
+* The logits filters (:func:`top_k_filter`, :func:`apply_temperature`, :func:`top_p_filter`) and
+  :func:`sample_next` are pure functions of any logits array, in the book's order: top-k, then
+  temperature, then (our addition) top-p, then a categorical draw. Temperature 0 is greedy argmax.
+* :func:`generate` prefills the prompt once, then decodes inside a single jitted
+  ``jax.lax.while_loop``: one token per iteration over a preallocated, static-shape KV cache, with
+  no host round trip per token and an early exit once every row has emitted ``eos_id``.
+* Prompts are right-padded to a power-of-two bucket: the causal mask means padding never
+  influences the real positions, and the first decode step overwrites the padded cache slots
+  before anything reads them. The output buffer is bucketed the same way, so a handful of
+  compiles serve every prompt length and ``max_new_tokens``.
+* GPT-2's positions are learned and absolute: once the sequence outgrows ``context_length`` the
+  window slides (the model sees the last ``context_length`` tokens, as in the book) and every
+  cached key/value is at the wrong position. From then on each token costs one full-window
+  forward pass, which is exactly "rebuild the cache from the last context_length - 1 tokens and
+  decode one".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptjax.config import GPTConfig
+from gptjax.model import Params, apply, apply_with_cache, init_cache
+
+_MIN_BUCKET = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits filters and the sampler: pure, jittable, any leading batch shape, vocab on the last axis.
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_temperature(temperature) -> None:
+    if _is_concrete(temperature) and not float(temperature) >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+
+
+def _check_top_k(top_k: int | None, vocab_size: int) -> None:
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be an integer in [1, {vocab_size}] (the vocabulary size) or None, got {top_k!r}")
+
+
+def _check_top_p(top_p) -> None:
+    if top_p is not None and _is_concrete(top_p) and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def apply_temperature(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+    """``logits / temperature``: below 1 sharpens the distribution, above 1 flattens it."""
+    if _is_concrete(temperature) and not float(temperature) > 0.0:
+        raise ValueError(f"apply_temperature needs temperature > 0, got {temperature!r}; use argmax for greedy")
+    return logits / temperature
+
+
+def top_k_filter(logits: jax.Array, top_k: int) -> jax.Array:
+    """Keep the ``top_k`` largest logits (and any ties with the k-th), set the rest to -inf."""
+    _check_top_k(top_k, logits.shape[-1])
+    kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth_largest, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (always at least the most likely one), set the rest to -inf."""
+    _check_top_p(top_p)
+    sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    # A token stays if the more likely tokens have not yet reached top_p. top_p == 1 keeps
+    # everything, even tokens that rounding pushes past a cumulative mass of exactly 1.
+    n_keep = jnp.sum((mass_before < top_p) | (top_p >= 1.0), axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample_next(
+    logits: jax.Array,
+    key: jax.Array | None,
+    temperature: float | jax.Array = 0.0,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+) -> jax.Array:
+    """The next token id (int32, logits' shape without the vocab axis).
+
+    A Python ``temperature`` of 0 is greedy argmax (``key`` unused, may be None); otherwise top-k,
+    temperature and top-p filtering, then one categorical draw per row from ``key``.
+    """
+    _check_temperature(temperature)
+    _check_top_k(top_k, logits.shape[-1])
+    _check_top_p(top_p)
+    if _is_concrete(temperature) and float(temperature) == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if key is None:
+        raise ValueError("sampling with temperature > 0 needs a key, e.g. jax.random.key(123)")
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    logits = apply_temperature(logits, temperature)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation.
+
+
+def _bucket(n: int, cap: int | None = None) -> int:
+    """The power of two >= n (at least _MIN_BUCKET), at most ``cap``: the static shapes we compile."""
+    size = max(_MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+    return size if cap is None else min(size, cap)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array):
+    """Run the padded prompt through the model once: last real position's logits and the cache."""
+    cache = init_cache(cfg, padded_prompt.shape[0])
+    logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0)
+    return jnp.take(logits, prompt_len - 1, axis=1), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p"))
+def _decode(
+    params: Params,
+    cfg: GPTConfig,
+    tokens: jax.Array,
+    cache: list,
+    logits: jax.Array,
+    prompt_len: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_id: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    *,
+    greedy: bool,
+    top_k: int | None,
+    use_top_p: bool,
+):
+    """Decode into ``tokens`` [batch, bucket] (prompt in the first prompt_len slots).
+
+    Returns the buffer and the number of new tokens written. ``logits`` predict the token at
+    prompt_len; ``eos_id`` < 0 means no eos.
+    """
+    context = cfg.context_length
+    batch = tokens.shape[0]
+
+    def pick(logits, step):
+        if greedy:
+            return sample_next(logits, None)
+        return sample_next(
+            logits, jax.random.fold_in(key, step), temperature, top_k, top_p if use_top_p else None
+        )
+
+    def emit(state, logits):
+        """Choose the token at position `length`, write it; rows already stopped repeat eos."""
+        tokens, done, length = state
+        next_id = jnp.where(done, eos_id, pick(logits, length))
+        tokens = jax.lax.dynamic_update_slice(tokens, next_id[:, None], (0, length))
+        return tokens, done | (next_id == eos_id), length + 1
+
+    def running(done, length):
+        return (length < prompt_len + max_new_tokens) & ~jnp.all(done)
+
+    # Phase 1: while the whole sequence fits the context, feed the last token at its own position.
+    def cached_cond(carry):
+        (_, done, length), _ = carry
+        return running(done, length) & (length <= context)
+
+    def cached_body(carry):
+        (tokens, done, length), cache = carry
+        last = jax.lax.dynamic_slice(tokens, (0, length - 1), (batch, 1))
+        logits, cache = apply_with_cache(params, cfg, last, cache, length - 1)
+        return emit((tokens, done, length), logits[:, -1]), cache
+
+    # Phase 2: the window slides; positions shift every step, so recompute the whole window.
+    def sliding_cond(state):
+        _, done, length = state
+        return running(done, length)
+
+    def sliding_body(state):
+        tokens, _, length = state
+        window = jax.lax.dynamic_slice(tokens, (0, length - context), (batch, context))
+        return emit(state, apply(params, cfg, window)[:, -1])
+
+    state = emit((tokens, jnp.zeros((batch,), bool), prompt_len), logits)
+    state, _ = jax.lax.while_loop(cached_cond, cached_body, (state, cache))
+    if tokens.shape[1] > context:  # static: only buffers longer than the context can slide
+        state = jax.lax.while_loop(sliding_cond, sliding_body, state)
+    tokens, _, length = state
+    return tokens, length - prompt_len
+
+
+def generate(
+    params: Params,
+    cfg: GPTConfig,
+    token_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    rng: jax.Array | int | None = None,
+) -> np.ndarray:
+    """Continue ``token_ids`` [batch, prompt] by up to ``max_new_tokens`` tokens: int32 numpy
+    [batch, prompt + new].
+
+    ``temperature`` 0 is greedy (the book's ``generate_text_simple``); above 0, tokens are drawn
+    from ``softmax(logits / temperature)`` after optional ``top_k`` / ``top_p`` filtering, with the
+    jax key ``rng`` (or an int seed). With ``eos_id``, a row that emits it stops (its later
+    positions hold ``eos_id``) and the call returns early, after the step at which the last row
+    stopped. Prompts longer than the context are fine: the model sees the last
+    ``context_length`` tokens, as in the book.
+    """
+    ids = np.asarray(token_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token_ids must be integer ids of shape [batch, prompt], got {ids.dtype} {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"generate needs a non-empty prompt, got token_ids of shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got values in [{ids.min()}, {ids.max()}]")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _check_temperature(temperature)
+    _check_top_k(top_k, cfg.vocab_size)
+    _check_top_p(top_p)
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
+    greedy = float(temperature) == 0.0
+    if not greedy and rng is None:
+        raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(seed) (or an int seed)")
+    if max_new_tokens == 0:
+        return ids.astype(np.int32)
+    key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else (rng if rng is not None else jax.random.key(0))
+
+    # The model only ever sees the last context_length tokens; older prompt tokens pass through.
+    context = cfg.context_length
+    head, prompt = ids[:, : max(0, ids.shape[1] - context)], ids[:, -context:].astype(np.int32)
+    prompt_len = prompt.shape[1]
+    buffer = np.zeros((ids.shape[0], _bucket(prompt_len + max_new_tokens)), np.int32)
+    buffer[:, :prompt_len] = prompt
+    padded = buffer[:, : _bucket(prompt_len, cap=context)]
+
+    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len))
+    tokens, n_new = _decode(
+        params,
+        cfg,
+        buffer,
+        cache,
+        logits,
+        np.int32(prompt_len),
+        np.int32(max_new_tokens),
+        np.int32(-1 if eos_id is None else eos_id),
+        key,
+        np.float32(temperature),
+        np.float32(1.0 if top_p is None else top_p),
+        greedy=greedy,
+        top_k=None if greedy else top_k,
+        use_top_p=not greedy and top_p is not None,
+    )
+    new = np.asarray(tokens)[:, : prompt_len + int(n_new)]
+    return np.concatenate([head.astype(np.int32), new], axis=1)

@@ -1,0 +1,378 @@
+"""``python -m gptjax.train``: the book's pretraining run (chapter 5), writing a run directory.
+
+With no arguments it trains GPT_CONFIG_124M on the bundled the-verdict.txt exactly as the book does.
+The run directory (``--out``) gets config.json, metrics.jsonl, samples.txt, loss.png and orbax
+checkpoints; ``--resume RUN`` continues a stopped run step for step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
+from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
+from gptjax.model import Params, abstract_params, init_params, param_count
+from gptjax.plot import plot_run
+from gptjax.training import (
+    NonFiniteLossError,
+    OptState,
+    Position,
+    TrainConfig,
+    TrainHooks,
+    make_optimizer,
+    run_keys,
+    steps_per_epoch,
+    train_model_simple,
+)
+
+DEFAULT_PRESET = "GPT_CONFIG_124M"
+MODEL_FLAGS = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
+DATA_FLAGS = ("corpus", "train_tokens", "val_tokens", "data_dir")
+# Settings that may change when resuming: they do not touch the arithmetic of training.
+RESUME_OVERRIDES = ("max_steps", "save_every", "keep", "progress")
+METRICS, SAMPLES, CONFIG, PLOT = "metrics.jsonl", "samples.txt", "config.json", "loss.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m gptjax.train",
+        description="Pretrain a GPT model as in chapter 5 of 'Build a Large Language Model (From Scratch)'. "
+        "With no arguments: GPT_CONFIG_124M on the bundled the-verdict.txt, the book's settings.",
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line appear in the result
+    )
+    m = p.add_argument_group("model")
+    presets = sorted(PRESETS) + sorted(ALIASES)
+    m.add_argument("--preset", metavar="NAME", help=f"model preset (default: {DEFAULT_PRESET}); one of: {', '.join(presets)}")
+    m.add_argument("--context-length", type=int, metavar="N", help="override the preset's context length (tokens per window)")
+    m.add_argument("--emb-dim", type=int, metavar="N", help="override the preset's embedding size")
+    m.add_argument("--n-layers", type=int, metavar="N", help="override the preset's number of transformer blocks")
+    m.add_argument("--n-heads", type=int, metavar="N", help="override the preset's number of attention heads")
+    m.add_argument("--drop-rate", type=float, metavar="X", help="override the dropout rate (also with --init-from)")
+    m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases in the query/key/value projections")
+    m.add_argument("--init-from", metavar="WEIGHTS", help="start from these weights (gptjax checkpoint or run, "
+                   "torch .pth, safetensors, Hugging Face or OpenAI folder); the model config comes from them")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", metavar="TXT", help="UTF-8 text to train on (default: the bundled the-verdict.txt)")
+    g.add_argument("--train-tokens", metavar="BIN", help="uint16 token file for training (scripts/prepare_corpus.py)")
+    g.add_argument("--val-tokens", metavar="BIN", help="uint16 token file for validation")
+    g.add_argument("--data-dir", metavar="DIR", help="DIR/train.bin and DIR/val.bin from scripts/prepare_corpus.py")
+    g.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per batch (default: {d.batch_size})")
+    g.add_argument("--stride", type=int, metavar="N", help="step between window starts (default: the context length)")
+    g.add_argument("--train-ratio", type=float, metavar="X", help=f"share of a text corpus used for training (default: {d.train_ratio})")
+    g.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the training batches in order (default: reshuffled every epoch)")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, metavar="N", help=f"passes over the training data (default: {d.epochs})")
+    t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many optimizer steps (the lr schedule still "
+                   "spans all epochs, so a stopped run resumes exactly)")
+    t.add_argument("--lr", type=float, metavar="X", help=f"peak AdamW learning rate (default: {d.lr})")
+    t.add_argument("--weight-decay", type=float, metavar="X", help=f"AdamW weight decay (default: {d.weight_decay})")
+    t.add_argument("--exclude-bias-norm-from-decay", action="store_true",
+                   help="no weight decay on biases and LayerNorm parameters (torch's AdamW decays all)")
+    t.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup from 0 over this many steps (default: 0)")
+    t.add_argument("--min-lr", type=float, metavar="X", help="cosine-decay the learning rate to this value (default: constant lr)")
+    t.add_argument("--grad-clip", type=float, metavar="X", help="clip gradients to this global norm (default: no clipping)")
+    t.add_argument("--grad-accum", type=int, metavar="N", help="batches per optimizer step (default: 1)")
+    t.add_argument("--seed", type=int, metavar="N", help=f"seed for initialisation, shuffling and dropout (default: {d.seed})")
+
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-freq", type=int, metavar="N", help=f"evaluate every this many steps (default: {d.eval_freq})")
+    e.add_argument("--eval-iter", type=int, metavar="N", help=f"batches per evaluation, each split (default: {d.eval_iter})")
+    e.add_argument("--start-context", metavar="TEXT", help=f"prompt of the greedy sample after each epoch, '' for none "
+                   f"(default: {d.start_context!r})")
+
+    r = p.add_argument_group("run directory")
+    r.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
+    r.add_argument("--save-every", type=int, metavar="N", help="also checkpoint every this many steps (default: only at the end)")
+    r.add_argument("--keep", type=int, metavar="N", help=f"checkpoints to keep (default: {d.keep})")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint to its end, "
+                   "with its settings (only --max-steps, --save-every, --keep and --no-progress may be given)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        run(args)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue from the last checkpoint (see --save-every) with --resume RUN_DIR",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def run(args: dict[str, Any]) -> Path:
+    """Train as the parsed flags say (only those given are in ``args``); returns the run directory."""
+    start = time.time()
+    progress = args.get("progress", True)
+    resuming = "resume" in args
+    if resuming:
+        run_dir, cfg, tcfg, data, steps_at_start = _resume_settings(args)
+    else:
+        cfg, tcfg, data, params = _new_run(args)
+    train_loader, val_loader = build_loaders(data, cfg, tcfg)
+    if not resuming:  # only once the data is known to be usable
+        run_dir = _make_run_dir(args.get("out"))
+    n_steps = steps_per_epoch(train_loader, tcfg.grad_accum)
+    if n_steps == 0:
+        raise ValueError(f"the training data gives {len(train_loader)} batches, fewer than --grad-accum "
+                         f"{tcfg.grad_accum}; lower --grad-accum or --batch-size")
+    optimizer = make_optimizer(tcfg, tcfg.epochs * n_steps)
+    if resuming:
+        if n_steps != steps_at_start:
+            raise ValueError(f"the training data now gives {n_steps} steps per epoch, not {steps_at_start} as "
+                             f"when {run_dir} started: its data changed, so the run cannot resume exactly")
+        params, opt_state, position, key = _restore(run_dir, cfg, optimizer)
+        print(f"resuming {run_dir} at step {position.step}")
+    else:
+        opt_state, position, key = None, Position(), run_keys(tcfg.seed)[1]
+    _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader)
+    print(f"model: {param_count(abstract_params(cfg)):,} parameters, {cfg}")
+    print(f"data: {len(train_loader)} training and {len(val_loader)} validation batches of {tcfg.batch_size} x "
+          f"{cfg.context_length} tokens, {n_steps} steps per epoch; run directory {run_dir}")
+
+    hooks = RunWriter(run_dir, cfg, key, tcfg.keep)
+    try:
+        result = train_model_simple(
+            params, cfg, train_loader, val_loader, tcfg, optimizer=optimizer, opt_state=opt_state,
+            start=position, key=key, hooks=hooks, progress=progress,
+        )
+    finally:
+        hooks.close()
+        plot_run(run_dir)
+    history = result.history
+    if history.train_losses:
+        print(f"last evaluation: train loss {history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f}")
+    print(f"done: {result.position.step} steps, {result.position.tokens_seen:,} tokens seen, "
+          f"{time.time() - start:.1f}s; run directory {run_dir}")
+    return run_dir
+
+
+class RunWriter(TrainHooks):
+    """Appends each event to the run directory and saves checkpoints."""
+
+    def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, keep: int):
+        self.run_dir, self.cfg, self.key = run_dir, cfg, key
+        self.manager = checkpoint_manager(run_dir, keep)
+        # Line-buffered appends: a killed run leaves whole lines (resume drops any past its checkpoint).
+        self.metrics = open(run_dir / METRICS, "a", buffering=1)
+        self.samples = open(run_dir / SAMPLES, "a", buffering=1)
+
+    def on_step(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+
+    def on_eval(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+
+    def on_sample(self, epoch: int, step: int, text: str) -> None:
+        self.samples.write(f"Ep {epoch} (Step {step:06d}): {text}\n")
+
+    def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
+        save_checkpoint(self.manager, position, params, opt_state, self.key, self.cfg)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+        self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setting up a new run, or picking one up
+
+
+def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params]:
+    tcfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
+    overrides = {k: args[k] for k in MODEL_FLAGS if k in args}
+    if "init_from" in args:
+        from gptjax.weights import load_weights
+
+        explicit = "preset" in args or any(k != "drop_rate" for k in overrides)
+        base = get_config(args.get("preset", DEFAULT_PRESET), **overrides) if explicit else None
+        params, cfg = load_weights(args["init_from"], cfg=base)
+        for k, v in overrides.items():
+            if k != "drop_rate" and getattr(cfg, k) != v:
+                raise ValueError(f"--{k.replace('_', '-')} {v} does not match the weights in {args['init_from']} "
+                                 f"({k}={getattr(cfg, k)}); drop the flag")
+        if "drop_rate" in overrides:
+            cfg = cfg.replace(drop_rate=overrides["drop_rate"])
+    else:
+        cfg = get_config(args.get("preset", DEFAULT_PRESET), **overrides)
+        params = None
+    tcfg = tcfg.replace(stride=tcfg.stride or cfg.context_length)
+    if "out" in args:
+        _check_out(Path(args["out"]))
+    if params is None:
+        params = init_params(cfg, run_keys(tcfg.seed)[0])
+    init_from = str(Path(args["init_from"]).absolute()) if "init_from" in args else None
+    return cfg, tcfg, {**_data_spec(args), "init_from": init_from}, params
+
+
+def _resume_settings(args: dict[str, Any]) -> tuple[Path, GPTConfig, TrainConfig, dict, int]:
+    run_dir = Path(args["resume"])
+    fixed = sorted(k for k in args if k not in RESUME_OVERRIDES and k != "resume")
+    if fixed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        raise ValueError(f"{flags} cannot change when resuming: the run's settings come from {run_dir / CONFIG}; "
+                         "start a new run (--init-from the old one) to change them")
+    config = _read_config(run_dir)
+    if latest_step(run_dir) is None:
+        raise ValueError(f"{run_dir} has no finished checkpoint to resume from; start a new run instead")
+    # A stored --max-steps was where the run was told to stop: resuming runs on to the end unless given again.
+    overrides = {"max_steps": None, **{k: args[k] for k in RESUME_OVERRIDES if k in args and k != "progress"}}
+    tcfg = TrainConfig.from_dict(config["train"]).replace(**overrides)
+    return run_dir, GPTConfig.from_dict(config["model"]), tcfg, config["data"], config["steps_per_epoch"]
+
+
+def _restore(run_dir: Path, cfg: GPTConfig, optimizer) -> tuple[Params, OptState, Position, jax.Array]:
+    params_target = abstract_params(cfg)
+    params, opt_state, position, key = restore_checkpoint(
+        run_dir, params_target, jax.eval_shape(optimizer.init, params_target)
+    )
+    # Events after the checkpoint belong to a run that was then lost: they will happen again.
+    _trim_lines(run_dir / METRICS, position.step, lambda line: json.loads(line)["step"])
+    _trim_lines(run_dir / SAMPLES, position.step, lambda line: int(re.match(r"Ep \d+ \(Step (\d+)\)", line)[1]))
+    return params, opt_state, position, key
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a gptjax run directory: it has no {CONFIG}")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is the run directory damaged?") from None
+    missing = [k for k in ("model", "train", "data", "steps_per_epoch") if k not in config]
+    if missing:
+        raise ValueError(f"{path} is not a gptjax run config: it lacks {', '.join(missing)}")
+    return config
+
+
+def _data_spec(args: dict[str, Any]) -> dict:
+    """Absolute data paths (so a run resumes from any working directory); corpus None = bundled text."""
+    given = [k for k in DATA_FLAGS if k in args]
+    if "data_dir" in args:
+        if len(given) > 1:
+            raise ValueError("--data-dir cannot be combined with --corpus, --train-tokens or --val-tokens")
+        d = Path(args["data_dir"])
+        return {"corpus": None, "train_tokens": str((d / "train.bin").absolute()),
+                "val_tokens": str((d / "val.bin").absolute())}
+    if "train_tokens" in args or "val_tokens" in args:
+        if "corpus" in args or not ("train_tokens" in args and "val_tokens" in args):
+            raise ValueError("token files need both --train-tokens and --val-tokens, and no --corpus")
+        return {"corpus": None, "train_tokens": str(Path(args["train_tokens"]).absolute()),
+                "val_tokens": str(Path(args["val_tokens"]).absolute())}
+    corpus = args.get("corpus")
+    return {"corpus": None if corpus is None else str(Path(corpus).absolute()), "train_tokens": None,
+            "val_tokens": None}
+
+
+def build_loaders(data: dict, cfg: GPTConfig, tcfg: TrainConfig):
+    """The book's loaders: shuffled training batches (last partial batch dropped) and ordered validation batches."""
+    from gptjax import data as gdata
+
+    if data.get("train_tokens"):
+        for name in ("train_tokens", "val_tokens"):
+            if not Path(data[name]).is_file():
+                raise FileNotFoundError(f"token file {data[name]} not found; make it with scripts/prepare_corpus.py")
+        train_src, val_src = gdata.load_token_file(data["train_tokens"]), gdata.load_token_file(data["val_tokens"])
+        names = (data["train_tokens"], data["val_tokens"])
+    else:
+        if data.get("corpus"):
+            text = gdata.read_corpus(data["corpus"])
+        else:
+            from gptjax.tokenizer import load_default_corpus
+
+            text = load_default_corpus()
+        train_src, val_src = gdata.split_text(text, tcfg.train_ratio)
+        source = data.get("corpus") or "the bundled the-verdict.txt"
+        names = (f"the training split of {source}", f"the validation split of {source}")
+    common = dict(batch_size=tcfg.batch_size, max_length=cfg.context_length, stride=tcfg.stride or cfg.context_length)
+    loaders = []
+    for src, name, train in zip((train_src, val_src), names, (True, False)):
+        try:
+            loader = gdata.create_dataloader(src, shuffle=train and tcfg.shuffle, drop_last=train, seed=tcfg.seed,
+                                             **common)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}; use more data or a smaller --context-length") from None
+        if len(loader) == 0:
+            raise ValueError(f"{name} gives no full batch of {tcfg.batch_size} windows of {cfg.context_length} "
+                             "tokens; lower --batch-size or --context-length, or use more data")
+        loaders.append(loader)
+    return tuple(loaders)
+
+
+def _make_run_dir(out: str | None) -> Path:
+    if out is None:
+        base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        run_dir, n = base, 1
+        while run_dir.exists():
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
+    else:
+        run_dir = Path(out)
+        _check_out(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _check_out(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--out {run_dir} is a file; give a directory")
+    if (run_dir / METRICS).exists() or (run_dir / "checkpoints").exists():
+        raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+
+
+def _write_config(run_dir: Path, cfg: GPTConfig, tcfg: TrainConfig, data: dict, n_steps: int,
+                  train_loader, val_loader) -> None:
+    config = {
+        "model": cfg.to_dict(),
+        "train": tcfg.to_dict(),
+        "data": data,
+        "steps_per_epoch": n_steps,
+        "total_steps": tcfg.epochs * n_steps,
+        "train_batches": len(train_loader),
+        "val_batches": len(val_loader),
+    }
+    _atomic_write(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def _trim_lines(path: Path, step: int, step_of) -> None:
+    """Keep the lines of ``path`` whose step is before ``step`` (unreadable, i.e. cut-off, lines go too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and step_of(line) < step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    _atomic_write(path, "".join(kept))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""Pretraining as in chapter 5: the loss, AdamW, one jitted train step, and the book's training loop.
+
+The train step is a pure function ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``
+built by :func:`make_train_step`; everything else (evaluation, samples, logging, checkpoints) happens
+around it in :func:`train_model_simple`, which follows the book's function of the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from gptjax.config import GPTConfig
+from gptjax.model import Params, apply
+
+OptState = Any
+Batch = tuple[Any, Any]
+TrainStep = Callable[[Params, OptState, Batch, jax.Array], tuple[Params, OptState, dict[str, jax.Array]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "train"))
+def calc_loss_batch(
+    params: Params,
+    cfg: GPTConfig,
+    input_batch: jax.Array,
+    target_batch: jax.Array,
+    *,
+    train: bool = False,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Mean cross-entropy over every token of the batch (the book's ``calc_loss_batch``)."""
+    logits = apply(params, cfg, input_batch, train=train, rng=rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, target_batch).mean()
+
+
+def calc_loss_loader(params: Params, cfg: GPTConfig, loader: Any, num_batches: int | None = None) -> float:
+    """Average batch loss over the first ``num_batches`` batches (all by default); NaN for an empty loader."""
+    num_batches = len(loader) if num_batches is None else min(num_batches, len(loader))
+    if num_batches == 0:
+        return float("nan")
+    total = jnp.zeros((), jnp.float32)
+    for i, (input_batch, target_batch) in enumerate(loader):
+        if i >= num_batches:
+            break
+        total = total + calc_loss_batch(params, cfg, input_batch, target_batch)
+    # One host transfer for the whole loader rather than one per batch.
+    return float(total) / num_batches
+
+
+def perplexity(loss: float | jax.Array) -> float | jax.Array:
+    """exp(loss): the number of tokens the model is, in effect, choosing between."""
+    if isinstance(loss, jax.Array):
+        return jnp.exp(loss)
+    with np.errstate(over="ignore"):
+        return float(np.exp(np.float64(loss)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings and optimizer
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings; the defaults are the book's chapter 5 experiment."""
+
+    batch_size: int = 2
+    stride: int | None = None  # None: the model's context_length (non-overlapping windows)
+    train_ratio: float = 0.9
+    epochs: int = 10
+    max_steps: int | None = None  # stop early; the lr schedule still spans all epochs
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    exclude_bias_norm_from_decay: bool = False  # torch.optim.AdamW decays every parameter
+    warmup_steps: int = 0
+    min_lr: float | None = None  # set: cosine decay to min_lr over the run
+    grad_clip: float | None = None  # global-norm clipping threshold
+    grad_accum: int = 1
+    eval_freq: int = 5
+    eval_iter: int = 5
+    start_context: str = "Every effort moves you"  # "" disables the per-epoch sample
+    seed: int = 123
+    shuffle: bool = True
+    save_every: int = 0  # 0: save only at the end
+    keep: int = 3
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "epochs", "grad_accum", "eval_freq", "eval_iter", "keep")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("stride", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.train_ratio < 1.0:
+            raise ValueError(f"train_ratio must be between 0 and 1 (exclusive), got {self.train_ratio}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; expected a subset of {sorted(fields)}")
+        return cls(**d)
+
+
+def lr_schedule(tcfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Constant lr (the book's chapter 5); optional linear warmup from 0 and cosine decay to min_lr (appendix D)."""
+    after_warmup = optax.constant_schedule(tcfg.lr)
+    if tcfg.min_lr is not None:
+        decay_steps = max(1, total_steps - tcfg.warmup_steps)
+        after_warmup = optax.cosine_decay_schedule(tcfg.lr, decay_steps, alpha=tcfg.min_lr / tcfg.lr)
+    if tcfg.warmup_steps == 0:
+        return after_warmup
+    warmup = optax.linear_schedule(0.0, tcfg.lr, tcfg.warmup_steps)
+    return optax.join_schedules([warmup, after_warmup], [tcfg.warmup_steps])
+
+
+def decay_mask(params: Params) -> Params:
+    """True for the matrices (weights and embeddings), False for biases and norm scales/shifts."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with torch's defaults (betas 0.9/0.999, eps 1e-8), the schedule, and optional clipping.
+
+    The learning rate is injected into the optimizer state so that each step reports the rate it used.
+    """
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=lr_schedule(tcfg, total_steps),
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=tcfg.weight_decay,
+        mask=decay_mask if tcfg.exclude_bias_norm_from_decay else None,
+    )
+    if tcfg.grad_clip is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step
+
+
+def make_train_step(
+    cfg: GPTConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum: int = 1,
+    jit_kwargs: dict[str, Any] | None = None,
+) -> TrainStep:
+    """The jitted step ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
+
+    ``batch`` is ``(inputs, targets)`` of shape [B, T], or [grad_accum, B, T] with accumulation: the
+    micro-batches run one after another in a scan and their mean gradient makes one optimizer update.
+    ``key`` is this step's dropout key. ``metrics`` holds the batch ``loss``, the gradient's global
+    norm and the ``lr`` used. ``jit_kwargs`` (e.g. ``in_shardings``/``out_shardings`` for a mesh) go to
+    ``jax.jit`` on top of the donation of params and optimizer state, whose buffers the update reuses.
+    """
+    grad_fn = jax.value_and_grad(
+        lambda p, x, y, k: calc_loss_batch(p, cfg, x, y, train=True, rng=k)
+    )
+
+    def train_step(params, opt_state, batch, key):
+        inputs, targets = batch
+        if grad_accum == 1:
+            loss, grads = grad_fn(params, inputs, targets, key)
+        else:
+            def micro_step(carry, xs):
+                loss_sum, grad_sum = carry
+                loss, grads = grad_fn(params, *xs)
+                return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
+            keys = jax.random.split(key, grad_accum)
+            (loss_sum, grad_sum), _ = jax.lax.scan(micro_step, zeros, (inputs, targets, keys))
+            # Equal-sized micro-batches: the mean of their means is the mean over all tokens.
+            loss = loss_sum / grad_accum
+            grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grad_sum)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        # The rate injected by make_optimizer (the schedule's own state has that name too); None elsewhere.
+        lr = optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": jnp.asarray(jnp.nan if lr is None else lr, jnp.float32),
+        }
+        return params, opt_state, metrics
+
+    return jax.jit(train_step, **{"donate_argnums": (0, 1), **(jit_kwargs or {})})
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(initialisation key, training key) of a run: independent streams from one seed.
+
+    Step ``s`` drops out with ``fold_in(training key, s)``, so a resumed run draws the same masks."""
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    return init_key, train_key
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Params) -> OptState:
+    """The optimizer state, built under jit so its leaves have the types the train step returns
+    (a fresh state with Python-scalar leaves would make the second step compile again)."""
+    return jax.jit(optimizer.init)(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# The book's loop
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run is: optimizer steps done, and the next batch to read (epoch, index within it)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class History:
+    """What the book's ``train_model_simple`` returns, plus each step's training-batch loss."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    track_tokens_seen: list[int] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    params: Params
+    opt_state: OptState
+    position: Position
+    history: History
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+
+class TrainHooks:
+    """Receives a run's events; the default ignores them. :mod:`gptjax.train` writes them to the run directory."""
+
+    def on_step(self, record: dict) -> None:
+        """One optimizer step: step, epoch, loss, tokens_seen, lr, grad_norm."""
+
+    def on_eval(self, record: dict) -> None:
+        """One evaluation: step, epoch, tokens_seen, train_loss, val_loss."""
+
+    def on_sample(self, epoch: int, step: int, text: str) -> None:
+        """The greedy sample printed after each epoch."""
+
+    def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
+        """Save now (every ``save_every`` steps and at the end); the loss up to here is finite."""
+
+
+def evaluate_model(
+    params: Params, cfg: GPTConfig, train_loader: Any, val_loader: Any, eval_iter: int
+) -> tuple[float, float]:
+    """Train and validation loss over the first ``eval_iter`` batches of each loader."""
+    train_loss = calc_loss_loader(params, cfg, train_loader, num_batches=eval_iter)
+    val_loss = calc_loss_loader(params, cfg, val_loader, num_batches=eval_iter)
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(
+    params: Params, cfg: GPTConfig, tokenizer: Any, start_context: str, max_new_tokens: int = 50
+) -> str:
+    """Greedy continuation of ``start_context``, printed on one line (as the book does) and returned."""
+    from gptjax.sampling import generate
+    from gptjax.tokenizer import text_to_token_ids, token_ids_to_text
+
+    encoded = text_to_token_ids(start_context, tokenizer)
+    token_ids = generate(params, cfg, encoded, max_new_tokens)
+    decoded = token_ids_to_text(np.asarray(token_ids), tokenizer).replace("\n", " ")
+    if jax.process_index() == 0:  # one copy of the output in a multi-host run
+        tqdm.write(decoded)
+    return decoded
+
+
+def steps_per_epoch(train_loader: Any, grad_accum: int = 1) -> int:
+    """Optimizer steps in one epoch: a last group of fewer than ``grad_accum`` batches is dropped."""
+    return len(train_loader) // grad_accum
+
+
+def step_batches(loader: Any, epoch: int, start: int, grad_accum: int = 1) -> Iterator[Batch]:
+    """Epoch ``epoch``'s batches from batch index ``start`` on, grouped into optimizer steps ([B, T] each,
+    or [grad_accum, B, T]); a last group of fewer than ``grad_accum`` batches is dropped.
+
+    A loader with its own ``step_batches`` builds them itself: :class:`gptjax.sharding.ShardedLoader`
+    reads each process's rows of a step straight into global arrays."""
+    if hasattr(loader, "step_batches"):
+        return loader.step_batches(epoch, start, grad_accum)
+    return _grouped(loader.batches(epoch, start=start), grad_accum)
+
+
+def _grouped(batches: Iterable[Batch], grad_accum: int) -> Iterator[Batch]:
+    if grad_accum == 1:
+        yield from batches
+        return
+    group: list[Batch] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield np.stack([b[0] for b in group]), np.stack([b[1] for b in group])
+            group = []
+
+
+def train_model_simple(
+    params: Params,
+    cfg: GPTConfig,
+    train_loader: Any,
+    val_loader: Any,
+    tcfg: TrainConfig,
+    *,
+    tokenizer: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    opt_state: OptState | None = None,
+    train_step: TrainStep | None = None,
+    start: Position = Position(),
+    key: jax.Array | None = None,
+    hooks: TrainHooks | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """The book's training loop over ``tcfg.epochs`` epochs (or until ``tcfg.max_steps`` steps are done).
+
+    Evaluates every ``eval_freq`` steps, prints a greedy sample after each epoch, and reports each
+    step's metrics one step late so the host never waits for the step it has just dispatched.
+    ``start`` (with the matching ``params``, ``opt_state`` and ``key``) continues a saved run exactly:
+    the data order depends only on (seed, epoch), and step ``s`` uses dropout key ``fold_in(key, s)``.
+    Raises :class:`NonFiniteLossError` as soon as a loss is NaN or infinite, before any further save.
+    ``params`` and ``opt_state`` are donated to the jitted step (their buffers are reused): keep
+    working with the returned ones.
+
+    On a mesh (:mod:`gptjax.sharding`), pass sharded ``params`` and ``opt_state``, a ``train_step`` built
+    with the mesh's shardings and :class:`~gptjax.sharding.ShardedLoader` loaders; the loop is the same.
+    """
+    n_steps = steps_per_epoch(train_loader, tcfg.grad_accum)
+    if n_steps == 0:
+        raise ValueError(
+            f"the training loader has {len(train_loader)} batches, fewer than one optimizer step "
+            f"(grad_accum={tcfg.grad_accum}); use more data, a smaller batch size or less accumulation"
+        )
+    total_steps = tcfg.epochs * n_steps
+    last_step = total_steps if tcfg.max_steps is None else min(total_steps, tcfg.max_steps)
+    optimizer = optimizer or make_optimizer(tcfg, total_steps)
+    # On device from the start: host (numpy) inputs would make the second step compile again.
+    params = jax.device_put(params)
+    opt_state = init_opt_state(optimizer, params) if opt_state is None else jax.device_put(opt_state)
+    train_step = train_step or make_train_step(cfg, optimizer, grad_accum=tcfg.grad_accum)
+    key = run_keys(tcfg.seed)[1] if key is None else key
+    hooks = hooks or TrainHooks()
+    if tokenizer is None and tcfg.start_context:
+        from gptjax.tokenizer import get_tokenizer
+
+        tokenizer = get_tokenizer()
+
+    history = History()
+    pos = start
+    pending: list[tuple[dict, dict]] = []  # the dispatched step whose metrics are not read yet
+
+    def report_pending() -> None:
+        for record, metrics in pending:
+            # float32 values as their shortest decimal form: exact, and readable in metrics.jsonl.
+            metrics = {k: float(str(np.float32(v))) for k, v in jax.device_get(metrics).items()}
+            loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise NonFiniteLossError(
+                    f"the loss is {loss} (gradient norm {grad_norm}) at step {record['step']}, epoch "
+                    f"{record['epoch']}: training diverged, so it stopped without saving; the last good "
+                    "checkpoint is kept. Try a lower --lr, --grad-clip 1.0 or --warmup-steps"
+                )
+            record = {**record, "loss": loss, "lr": metrics["lr"], "grad_norm": grad_norm}
+            history.step_losses.append(loss)
+            hooks.on_step(record)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        pending.clear()
+
+    main_process = jax.process_index() == 0  # in a multi-host run, only process 0 prints
+    bar = tqdm(total=last_step, initial=min(pos.step, last_step), unit="step",
+               disable=not (progress and main_process), dynamic_ncols=True)
+    try:
+        while pos.step < last_step and pos.epoch < tcfg.epochs:
+            epoch = pos.epoch
+            for batch in step_batches(train_loader, epoch, pos.batch, tcfg.grad_accum):
+                step = pos.step
+                params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
+                report_pending()  # the previous step's metrics: finished by now, or nearly
+                tokens_seen = pos.tokens_seen + int(batch[0].size)  # the global batch, on many hosts too
+                pos = Position(step + 1, epoch, pos.batch + tcfg.grad_accum, tokens_seen)
+                pending.append(({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen}, metrics))
+                bar.update(1)
+
+                if step % tcfg.eval_freq == 0:
+                    report_pending()
+                    train_loss, val_loss = evaluate_model(params, cfg, train_loader, val_loader, tcfg.eval_iter)
+                    history.train_losses.append(train_loss)
+                    history.val_losses.append(val_loss)
+                    history.track_tokens_seen.append(tokens_seen)
+                    history.eval_steps.append(step)
+                    if main_process:
+                        tqdm.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
+                                   f"Val loss {val_loss:.3f}")
+                    hooks.on_eval({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen,
+                                   "train_loss": train_loss, "val_loss": val_loss})
+
+                if pos.batch >= n_steps * tcfg.grad_accum:  # the epoch is complete
+                    if tcfg.start_context:
+                        report_pending()
+                        text = generate_and_print_sample(params, cfg, tokenizer, tcfg.start_context)
+                        hooks.on_sample(epoch + 1, step, text)
+                    pos = Position(pos.step, epoch + 1, 0, pos.tokens_seen)
+
+                if pos.step == last_step or (tcfg.save_every and pos.step % tcfg.save_every == 0):
+                    report_pending()
+                    hooks.on_checkpoint(pos, params, opt_state)
+                if pos.step >= last_step or pos.epoch != epoch:
+                    break
+            else:  # the loader ran out before the epoch's last step: a loader shorter than it claims
+                pos = Position(pos.step, epoch + 1, 0, pos.tokens_seen)
+        report_pending()
+    finally:
+        bar.close()
+    return TrainResult(params, opt_state, pos, history)

@@ -1,0 +1,400 @@
+"""OpenAI's GPT-2 release: download, the TensorFlow checkpoint reader the book uses, and the mapping.
+
+A release folder holds ``hparams.json`` and a TensorFlow checkpoint (``checkpoint``, ``model.ckpt.*``)
+whose variables are named ``model/wte``, ``model/h0/attn/c_attn/w``, ... Its 1x1 convolution weights
+are [1, in, out]: squeezed they are Flax's [in, out]. ``c_attn`` holds query, key and value side by
+side, and the output head is the token embedding (tied). TensorFlow is imported only to read or
+write these checkpoints.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from gptjax.config import GPTConfig
+from gptjax.model import Params
+from gptjax.weights.mapping import (
+    Row,
+    atomic_dir,
+    check_config,
+    get_path,
+    one_line,
+    params_from_tensors,
+    tensors_from_params,
+)
+
+GPT2_SIZES = ("124M", "355M", "774M", "1558M")
+GPT2_FILES = (
+    "checkpoint",
+    "encoder.json",
+    "hparams.json",
+    "model.ckpt.data-00000-of-00001",
+    "model.ckpt.index",
+    "model.ckpt.meta",
+    "vocab.bpe",
+)
+# OpenAI's own location first, then the book's backup copy.
+BASE_URLS = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/models",
+    "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2",
+)
+HPARAMS = "hparams.json"
+CKPT = "model.ckpt"
+SCOPE = "model/"
+
+
+def openai_table(cfg: GPTConfig, *, head: bool = True) -> list[Row]:
+    """OpenAI variable name -> gptjax tree path. The names are the keys of the squeezed tensors; the
+    output head reads ``model/wte`` again (``head=False`` leaves that row out, for writing)."""
+    table = [
+        Row(f"{SCOPE}wte", ("tok_emb", "embedding")),
+        Row(f"{SCOPE}wpe", ("pos_emb", "embedding")),
+    ]
+    for i in range(cfg.n_layers):
+        p, b = f"{SCOPE}h{i}/", ("trf_blocks", i)
+        for j, proj in enumerate(("W_query", "W_key", "W_value")):
+            table.append(Row(f"{p}attn/c_attn/w", (*b, "att", proj, "kernel"), part=(j, 3)))
+            if cfg.qkv_bias:
+                table.append(Row(f"{p}attn/c_attn/b", (*b, "att", proj, "bias"), part=(j, 3)))
+        table += [
+            Row(f"{p}attn/c_proj/w", (*b, "att", "out_proj", "kernel")),
+            Row(f"{p}attn/c_proj/b", (*b, "att", "out_proj", "bias")),
+            Row(f"{p}mlp/c_fc/w", (*b, "ff", "layers", 0, "kernel")),
+            Row(f"{p}mlp/c_fc/b", (*b, "ff", "layers", 0, "bias")),
+            Row(f"{p}mlp/c_proj/w", (*b, "ff", "layers", 2, "kernel")),
+            Row(f"{p}mlp/c_proj/b", (*b, "ff", "layers", 2, "bias")),
+            Row(f"{p}ln_1/g", (*b, "norm1", "scale")),
+            Row(f"{p}ln_1/b", (*b, "norm1", "shift")),
+            Row(f"{p}ln_2/g", (*b, "norm2", "scale")),
+            Row(f"{p}ln_2/b", (*b, "norm2", "shift")),
+        ]
+    table += [
+        Row(f"{SCOPE}ln_f/g", ("final_norm", "scale")),
+        Row(f"{SCOPE}ln_f/b", ("final_norm", "shift")),
+    ]
+    if head:
+        table.append(Row(f"{SCOPE}wte", ("out_head", "kernel"), transpose=True))
+    return table
+
+
+def settings_to_config(settings: Mapping[str, Any], *, qkv_bias: bool = True, source: str = HPARAMS) -> GPTConfig:
+    """hparams.json (``n_vocab``, ``n_ctx``, ``n_embd``, ``n_head``, ``n_layer``) as a GPTConfig."""
+    try:
+        return GPTConfig(
+            vocab_size=settings["n_vocab"],
+            context_length=settings["n_ctx"],
+            emb_dim=settings["n_embd"],
+            n_layers=settings["n_layer"],
+            n_heads=settings["n_head"],
+            qkv_bias=qkv_bias,
+        )
+    except KeyError as e:
+        raise ValueError(f"{source}: no {e.args[0]!r}; it is not a GPT-2 hparams.json") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {one_line(e)}") from None
+
+
+def config_to_settings(cfg: GPTConfig) -> dict[str, int]:
+    return {
+        "n_vocab": cfg.vocab_size,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_head": cfg.n_heads,
+        "n_layer": cfg.n_layers,
+    }
+
+
+def openai_to_params(params_dict: Mapping[str, Any], cfg: GPTConfig) -> Params:
+    """gptjax parameters from the book's ``params`` dict (``blocks[i]["attn"]["c_attn"]["w"]``, ``wte``,
+    ``wpe``, ``g``, ``b``), as :func:`load_openai_checkpoint` returns it."""
+    tensors = flatten_book_params(params_dict)
+    if not cfg.qkv_bias:
+        tensors = _drop_zero_qkv_bias(tensors, cfg, "OpenAI GPT-2 params")
+    return params_from_tensors(openai_table(cfg), tensors, cfg, source="OpenAI GPT-2 params")
+
+
+def flatten_book_params(params_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The book's nested ``params`` dict back under OpenAI's variable names (its ``g``/``b`` are ``ln_f``'s)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(f"{prefix}{k}/", v)
+        else:
+            out[prefix[:-1]] = node
+
+    for key, value in params_dict.items():
+        if key == "blocks":
+            for i, block in enumerate(value):
+                walk(f"{SCOPE}h{i}/", block)
+        elif key in ("g", "b"):
+            out[f"{SCOPE}ln_f/{key}"] = value
+        else:
+            walk(f"{SCOPE}{key}/", value)
+    return out
+
+
+def book_params(tensors: Mapping[str, Any], n_layers: int) -> dict[str, Any]:
+    """OpenAI-named tensors as the book's nested ``params`` dict (the structure of its gpt_download.py)."""
+    params: dict[str, Any] = {"blocks": [{} for _ in range(n_layers)]}
+    for name, value in tensors.items():
+        parts = name.split("/")[1:]  # without the "model/" scope
+        target = params
+        if parts[0].startswith("h") and parts[0][1:].isdigit():
+            target = params["blocks"][int(parts[0][1:])]
+        for key in parts[1:-1]:
+            target = target.setdefault(key, {})
+        target[parts[-1]] = value
+    return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def is_openai_folder(path: Path) -> bool:
+    return (path / HPARAMS).is_file()
+
+
+def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / HPARAMS
+    try:
+        settings = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found; is {folder} an OpenAI GPT-2 folder (see gptjax.download)?") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {one_line(e)}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not a JSON object; it is not a GPT-2 hparams.json")
+    return settings
+
+
+def read_checkpoint(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every variable of the folder's TensorFlow checkpoint, under its full name, unsqueezed."""
+    tf = _import_tf()
+    folder = Path(folder)
+    # The "checkpoint" file names the prefix (OpenAI's: model.ckpt), sometimes as an absolute path from
+    # when it was written; the files are looked for in this folder whatever the path, so it can move.
+    try:
+        state = tf.train.get_checkpoint_state(str(folder))
+    except Exception as e:  # a damaged "checkpoint" text file
+        raise ValueError(f"cannot read {folder / 'checkpoint'}: {one_line(e)}; delete it or download it again") from None
+    prefix = str(folder / Path(state.model_checkpoint_path if state else CKPT).name)
+    if not Path(prefix + ".index").is_file():
+        raise FileNotFoundError(
+            f"no TensorFlow checkpoint in {folder} ({Path(prefix).name}.index is missing); download the model again"
+        )
+    try:
+        return {name: tf.train.load_variable(prefix, name) for name, _ in tf.train.list_variables(prefix)}
+    except Exception as e:  # TensorFlow raises its own OpError types for damaged files
+        raise ValueError(
+            f"cannot read the TensorFlow checkpoint {prefix}: {one_line(e)}; the files are truncated or corrupt "
+            "(download the model again)"
+        ) from None
+
+
+def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, params)`` exactly as the book's ``load_gpt2_params_from_tf_ckpt``: hparams.json and the
+    squeezed variables nested as ``params["blocks"][i]["attn"]["c_attn"]["w"]``, ``wte``, ``wpe``, ``g``, ``b``."""
+    settings = read_settings(folder)
+    tensors = {k: np.squeeze(v) for k, v in read_checkpoint(folder).items()}
+    n_layers = settings.get("n_layer")
+    if not isinstance(n_layers, int):
+        raise ValueError(f"{Path(folder) / HPARAMS}: no integer 'n_layer'; it is not a GPT-2 hparams.json")
+    try:
+        return settings, book_params(tensors, n_layers)
+    except (IndexError, ValueError) as e:
+        raise ValueError(f"{folder}: the checkpoint does not fit hparams.json (n_layer {n_layers}): {one_line(e)}") from None
+
+
+def load_openai(folder: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
+    """Parameters and config from an OpenAI GPT-2 folder. Zero c_attn biases (as :func:`save_openai`
+    writes for a model without them) load as ``qkv_bias=False`` unless ``cfg`` asks for them."""
+    folder = Path(folder)
+    source = f"OpenAI GPT-2 checkpoint {folder}"
+    settings = read_settings(folder)
+    tensors = read_checkpoint(folder)
+    found = settings_to_config(settings, source=str(folder / HPARAMS))
+    has_bias = any(np.any(v) for k, v in tensors.items() if k.endswith("/attn/c_attn/b"))
+    if cfg is None:
+        cfg = found.replace(qkv_bias=has_bias)
+    else:
+        cfg = check_config(cfg, {**found.to_dict(), **({} if has_bias else {"qkv_bias": cfg.qkv_bias})}, source)
+    tensors = {k: _squeeze_conv(k, v, source) for k, v in tensors.items()}
+    if not cfg.qkv_bias:
+        tensors = _drop_zero_qkv_bias(tensors, cfg, source)
+    return params_from_tensors(openai_table(cfg), tensors, cfg, source=source), cfg
+
+
+def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
+    """A folder in OpenAI's layout (``hparams.json``, ``checkpoint``, ``model.ckpt.index/.data-*``, variable
+    names and [1, in, out] shapes as released) that TensorFlow and :func:`load_openai` read. The tokenizer
+    files and the ``.meta`` graph are not written (gptjax bundles the tokenizer). OpenAI's format ties
+    the output head to the token embedding, so ``params`` must too."""
+    tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
+    if not np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb):
+        raise ValueError(
+            "OpenAI's GPT-2 format has no separate output head, but out_head differs from tok_emb in these "
+            "parameters; save them as hf, torch or gptjax instead"
+        )
+    tensors = tensors_from_params(openai_table(cfg, head=False), params)
+    if not cfg.qkv_bias:  # GPT-2 always has these biases; zeros are the same model
+        for i in range(cfg.n_layers):
+            tensors[f"{SCOPE}h{i}/attn/c_attn/b"] = np.zeros(3 * cfg.emb_dim, np.float32)
+    tensors = {k: v[None] if k.endswith("/w") else v for k, v in sorted(tensors.items())}
+    tf = _import_tf()
+    with atomic_dir(path, is_openai_folder) as tmp:
+        tf.raw_ops.SaveV2(
+            prefix=str(tmp / CKPT),
+            tensor_names=list(tensors),
+            shape_and_slices=[""] * len(tensors),
+            tensors=[tf.constant(v) for v in tensors.values()],
+        )
+        (tmp / "checkpoint").write_text(f'model_checkpoint_path: "{CKPT}"\nall_model_checkpoint_paths: "{CKPT}"\n')
+        (tmp / HPARAMS).write_text(json.dumps(config_to_settings(cfg), indent=2) + "\n")
+
+
+def _squeeze_conv(name: str, value: np.ndarray, source: str) -> np.ndarray:
+    """OpenAI's conv weights are [1, in, out]; only that leading axis goes (np.squeeze would also eat
+    any other axis of size 1)."""
+    if name.endswith("/w"):
+        if value.ndim != 3 or value.shape[0] != 1:
+            raise ValueError(f"{source}: tensor {name!r} has shape {value.shape}, expected [1, in, out]")
+        return value[0]
+    return value
+
+
+def _drop_zero_qkv_bias(tensors: dict[str, Any], cfg: GPTConfig, source: str) -> dict[str, Any]:
+    """Without qkv_bias the c_attn biases must be zero (then they change nothing) and are left out."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith("/attn/c_attn/b"):
+            if np.any(np.asarray(v)):
+                raise ValueError(f"{source}: tensor {k!r} is not zero but the config has qkv_bias=False")
+            continue
+        out[k] = v
+    return out
+
+
+def _import_tf():
+    # TensorFlow's start-up chatter; its oneDNN kernels are moot here, where it only reads and writes files.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ValueError("reading or writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax[tf]") from None
+    return tf
+
+
+# ---------------------------------------------------------------------------------------------
+# Download
+
+
+def download_gpt2(
+    model_size: str,
+    models_dir: str | os.PathLike,
+    *,
+    base_urls: Sequence[str] = BASE_URLS,
+    retries: int = 3,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> Path:
+    """Download OpenAI's GPT-2 ``model_size`` into ``models_dir/model_size`` and return that folder.
+
+    Each file comes from the first base URL that serves it, is resumed with an HTTP Range request
+    when a transfer breaks off (also across runs: the partial file stays as ``NAME.part``), is checked
+    against the server's Content-Length, and appears under its name only when complete (atomic rename),
+    so files already there are skipped.
+    """
+    if model_size not in GPT2_SIZES:
+        raise ValueError(f"unknown GPT-2 size {model_size!r}; choose one of {', '.join(GPT2_SIZES)}")
+    if not base_urls:
+        raise ValueError("no base URLs to download from")
+    folder = Path(models_dir) / model_size
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in GPT2_FILES:
+        dest = folder / name
+        if dest.is_file():
+            continue
+        failures = []
+        for base in base_urls:
+            url = f"{base.rstrip('/')}/{model_size}/{name}"
+            try:
+                _fetch(url, dest, retries=retries, timeout=timeout, progress=progress)
+                break
+            except _DownloadError as e:
+                failures.append(f"{url} ({e})")
+        else:
+            raise ValueError(f"could not download {name} of GPT-2 {model_size}: tried " + "; ".join(failures))
+    return folder
+
+
+class _DownloadError(Exception):
+    pass
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+)")
+
+
+def _fetch(url: str, dest: Path, *, retries: int, timeout: float, progress: bool) -> None:
+    """``url`` into ``dest`` by way of ``dest.part``, resuming it across attempts (and runs)."""
+    part = dest.with_name(dest.name + ".part")
+    total = None  # the size the server announced first: every later answer must agree
+    last = "no answer"
+    for _ in range(max(1, retries)):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                announced, start = _announced_size(response, have)
+                if total is not None and announced is not None and announced != total:
+                    part.unlink(missing_ok=True)
+                    raise _DownloadError(f"size mismatch: the server first announced {total} bytes, now {announced}")
+                total = announced if announced is not None else total
+                with open(part, "ab" if start else "wb") as f, tqdm(
+                    total=total, initial=start, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # the partial file is no prefix of this one: start over
+                part.unlink()
+                continue
+            raise _DownloadError(f"HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            last = one_line(e)
+            continue  # broken off: resume from what arrived
+        size = part.stat().st_size
+        if total is None or size == total:
+            os.replace(part, dest)
+            return
+        if size > total:
+            part.unlink()
+            raise _DownloadError(f"size mismatch: received {size} bytes, the server announced {total}")
+        last = f"the transfer broke off at {size} of {total} bytes"
+    raise _DownloadError(f"incomplete after {retries} attempts, last: {last}; run again to resume")
+
+
+def _announced_size(response: http.client.HTTPResponse, have: int) -> tuple[int | None, int]:
+    """(full file size the server announces, offset its body starts at)."""
+    if have and response.status == 206:
+        m = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != have:
+            raise _DownloadError(f"bad Content-Range {response.headers.get('Content-Range')!r} for a resume at {have}")
+        return int(m.group(2)), have
+    length = response.headers.get("Content-Length")
+    return (int(length) if length is not None else None), 0

@@ -1,0 +1,79 @@
+"""`python -m gptjax.evaluate` on a tiny .pth, checked against the book's torch model and loss by hand."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from gptjax import GPTConfig, get_tokenizer
+from gptjax.evaluate import main
+from gptjax.tokenizer import load_default_corpus
+from tests.torch_reference import GPTModel as TorchGPTModel
+from tests.torch_reference import randomize_
+
+# GPT-2's vocabulary (the corpus is GPT-2 tokens), all else tiny; 64-wide heads, so no config file needed.
+CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=64, n_layers=1, n_heads=1, qkv_bias=True)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    model = randomize_(TorchGPTModel(CFG.to_dict()), seed=5).eval()
+    path = tmp_path_factory.mktemp("eval") / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def book_loss(model, text, context, drop_last, batch_size=2):
+    """The book's calc_loss_loader over stride=context windows in order, written out with torch."""
+    ids = get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
+    starts = range(0, len(ids) - context, context)
+    windows = np.array([ids[s : s + context + 1] for s in starts])
+    n = len(windows) // batch_size * batch_size if drop_last else len(windows)
+    windows = torch.as_tensor(windows[:n], dtype=torch.long)
+    with torch.no_grad():  # one forward pass for all windows, then the loss batch by batch
+        token_losses = torch.nn.functional.cross_entropy(
+            model(windows[:, :-1]).transpose(1, 2), windows[:, 1:], reduction="none"
+        )
+    batch_losses = [token_losses[b : b + batch_size].mean().item() for b in range(0, n, batch_size)]
+    return sum(batch_losses) / len(batch_losses)
+
+
+def printed(out):
+    return {m.group(1): (float(m.group(2)), float(m.group(3)))
+            for m in re.finditer(r"^(train|val) +loss (\S+) +perplexity (\S+)$", out, re.M)}
+
+
+@pytest.mark.parametrize("corpus,context", [(None, None), ("part", 16)])
+def test_losses_match_the_book(weights, corpus, context, tmp_path, capsys):
+    model, path = weights
+    text = load_default_corpus()
+    argv = ["--weights", str(path)]
+    if corpus:  # a shorter text (the 50,257-way output layer makes the torch reference slow on CPU)
+        text = text[:3000]
+        (tmp_path / "part.txt").write_text(text, encoding="utf-8")
+        argv += ["--corpus", str(tmp_path / "part.txt")]
+    if context:
+        argv += ["--context-length", str(context)]
+    assert main(argv) == 0
+    got = printed(capsys.readouterr().out)
+    split = int(0.9 * len(text))
+    for name, part, drop_last in (("train", text[:split], True), ("val", text[split:], False)):
+        want = book_loss(model, part, context or CFG.context_length, drop_last)
+        loss, ppl = got[name]
+        assert abs(loss - want) <= 6e-4, name
+        assert abs(ppl - math.exp(want)) <= 0.01 * math.exp(want), name
+
+
+def test_bad_settings(weights, tmp_path, capsys):
+    _, path = weights
+    assert main(["--weights", str(path), "--context-length", "64"]) == 2
+    assert "--context-length must be between 1 and the model's 32, got 64" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("Every effort moves you forward. " * 12)
+    assert main(["--weights", str(path), "--corpus", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: val split: ") and "smaller --context-length" in err
+    assert main(["--weights", str(tmp_path / "none.pth")]) == 2
+    assert "none.pth" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""`python -m gptjax.generate` end to end on tiny torch .pth files."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from gptjax import GPTConfig, get_tokenizer, text_to_token_ids, token_ids_to_text
+from gptjax.generate import main
+from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID
+from tests.torch_reference import GPTModel as TorchGPTModel
+from tests.torch_reference import generate_text_simple, randomize_
+
+# GPT-2's vocabulary (the tokenizer's), everything else tiny; head size 64 as in every GPT-2.
+CFG = GPTConfig(vocab_size=50257, context_length=32, emb_dim=64, n_layers=1, n_heads=1, qkv_bias=False)
+PROMPT = "Every effort moves you"
+
+
+@pytest.fixture(scope="module")
+def torch_pth(tmp_path_factory):
+    model = randomize_(TorchGPTModel(CFG.to_dict()), seed=0).eval()
+    path = tmp_path_factory.mktemp("weights") / "model.pth"
+    torch.save(model.state_dict(), path)
+    return model, str(path)
+
+
+@pytest.fixture(scope="module")
+def eos_pth(tmp_path_factory):
+    """A model whose every next token is <|endoftext|>: constant final features, eos row aligned."""
+    model = randomize_(TorchGPTModel(CFG.to_dict()), seed=1).eval()
+    with torch.no_grad():
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.copy_(torch.linspace(-1.0, 1.0, CFG.emb_dim))
+        model.out_head.weight[ENDOFTEXT_ID] = 100.0 * model.final_norm.shift
+    path = tmp_path_factory.mktemp("weights") / "eos.pth"
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_greedy_matches_the_torch_reference(capsys, torch_pth):
+    model, path = torch_pth
+    code, out, err = run(capsys, "--weights", path, "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0")
+    ids = torch.tensor(np.asarray(text_to_token_ids(PROMPT)), dtype=torch.long)
+    want = token_ids_to_text(generate_text_simple(model, ids, 8, CFG.context_length).numpy())
+    assert code == 0 and err == ""
+    assert out == want + "\n"
+
+
+def test_sampling_defaults_are_seeded(capsys, torch_pth):
+    _, path = torch_pth
+    outputs = [run(capsys, "--weights", path, "--prompt", PROMPT, "--seed", seed)[1] for seed in ("5", "5", "6")]
+    assert outputs[0] == outputs[1] != outputs[2]
+    assert outputs[0].startswith(PROMPT)
+    # The book's default of 25 new tokens (decoding can merge tokens, hence the tolerance).
+    new_tokens = len(get_tokenizer().encode(outputs[0][len(PROMPT) :].rstrip("\n"), allowed_special="all"))
+    assert 20 <= new_tokens <= 30
+
+
+def test_eos_flag_stops_generation(capsys, eos_pth):
+    args = ("--weights", eos_pth, "--prompt", PROMPT, "--max-new-tokens", "3", "--temperature", "0")
+    assert run(capsys, *args)[1] == PROMPT + ENDOFTEXT * 3 + "\n"
+    assert run(capsys, *args, "--eos")[1] == PROMPT + "\n"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-k", "-2"], "--top-k must be >= 0"),
+        (["--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 0"),
+        (["--prompt", ""], "--prompt is empty"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(capsys, torch_pth, extra, message):
+    _, path = torch_pth
+    code, out, err = run(capsys, "--weights", path, "--prompt", PROMPT, *extra)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_missing_weights_path_from_the_command_line(tmp_path):
+    missing = tmp_path / "nowhere.pth"
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptjax.generate", "--weights", str(missing), "--prompt", PROMPT],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr and "Traceback" not in proc.stderr
