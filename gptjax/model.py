@@ -8,13 +8,14 @@ The modules are built once per config and split into a static graph definition a
 tree (a plain nested dict of arrays). Everything downstream (training, sampling, weight formats,
 checkpoints) works on that tree through the pure functions at the bottom of this file.
 
-Speed options (``apply``/``apply_with_cache`` keywords; the defaults compute exactly what the book
-computes, in float32): ``dtype=jnp.bfloat16`` runs the matmuls in bfloat16 while parameters, the
-residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True`` recomputes
-each block's activations in the backward pass instead of storing them. Always on, because they
-change no result beyond float rounding: one fused matmul for the query, key and value projections,
-and ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in bf16) whenever no dropout
-touches the attention weights. benchmarks/NOTES.md has the measurements behind each choice.
+Speed options (``apply``/``apply_with_cache`` keywords; the defaults compute what the book computes,
+in float32, to within float rounding): ``dtype=jnp.bfloat16`` runs the matmuls in bfloat16 while the
+parameters, residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True``
+recomputes each block's activations in the backward pass instead of storing them. Always on, as they
+change nothing beyond rounding: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in
+bf16) wherever no dropout touches the attention weights, one fused matmul for the query, key and
+value projections off CPU, and on CPU a LayerNorm mean that keeps XLA from recomputing the residual
+stream. benchmarks/NOTES.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in float32 whatever the compute dtype: they are where low precision hurts.
         x32 = x.astype(jnp.float32)
-        mean = x32.mean(axis=-1, keepdims=True)
+        if jax.default_backend() == "cpu":
+            # The mean as a matrix-vector product: same value, but a matmul cannot absorb its
+            # operand, so XLA materialises the residual stream here. Left as a reduction, XLA:CPU
+            # fuses the residual chain (every earlier block's output and dropout mask) into each
+            # consumer and recomputes it there: O(n_layers^2) work, a quarter of a 124M step.
+            mean = x32 @ jnp.full((x32.shape[-1], 1), 1.0 / x32.shape[-1], jnp.float32)
+        else:
+            mean = x32.mean(axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         norm_x = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (self.scale[...] * norm_x + self.shift[...]).astype(x.dtype)
@@ -131,7 +139,10 @@ def fused_causal_attention(
     """
     if isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
         if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            try:
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            except (NotImplementedError, RuntimeError):  # no cuDNN, or a shape it does not support
+                pass
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
     q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
     mask = jnp.arange(k.shape[1])[None, :] <= q_pos
@@ -159,14 +170,19 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = _linear(d_out, d_out, use_bias=True, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 
-    def project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The three projections as one matmul against the kernels side by side ([d_in, 3 * d_out]).
+    def project_qkv(self, x: jax.Array, *, fused: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values [batch, seq, d_out] for ``x``.
 
-        One large GEMM instead of three smaller ones reading the same input; the parameter tree
-        keeps the book's three Linear layers (the concatenation happens inside the jitted function,
-        and its gradient is split back into the three kernels).
+        ``fused``: one matmul against the three kernels side by side ([d_in, 3 * d_out]) instead of
+        three; the parameter tree keeps the book's three Linear layers (the concatenation happens
+        inside the jitted function and its gradient is split back into the three kernels). One
+        wide GEMM reads ``x`` once and fills a GPU better; on CPU the kernel concatenation and the
+        wider weight-gradient GEMM cost more than they save (benchmarks/NOTES.md), so the default
+        (None) fuses everywhere except on CPU. Both ways compute the same values.
         """
         layers = (self.W_query, self.W_key, self.W_value)
+        if not (jax.default_backend() != "cpu" if fused is None else fused):
+            return tuple(layer(x) for layer in layers)
         kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
         bias = jnp.concatenate([layer.bias[...] for layer in layers]) if self.W_query.use_bias else None
         x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
@@ -275,10 +291,6 @@ class GPTModel(nnx.Module):
                 x, layer_cache = _block_rematerialized(block, x, rngs), None
             else:
                 x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
-            # Materialise the residual stream between blocks (and, through the barrier's transpose,
-            # its gradient): without it XLA:CPU fuses the backward pass's gradient chain across all
-            # blocks into each consumer and recomputes it there, O(n_layers^2) work.
-            x = jax.lax.optimization_barrier(x)
             new_cache.append(layer_cache)
         logits = self.out_head(self.final_norm(x))
         return logits if cache is None else (logits, new_cache)

@@ -240,8 +240,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     From the arguments, else the environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
     and ``JAX_PROCESS_ID``; ``auto`` (or any of those) with nothing else lets jax detect the cluster
     (Cloud TPU pod slices, SLURM, Open MPI). Nothing given: a single-process run, nothing to join.
-    Must run before anything else touches jax's devices.
+    Must run before anything else touches jax's devices; a process that has joined stays joined.
     """
+    if jax.distributed.is_initialized():
+        return True
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num_processes = num_processes or _env_int("JAX_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")

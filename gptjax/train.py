@@ -3,6 +3,10 @@
 With no arguments it trains GPT_CONFIG_124M on the bundled the-verdict.txt exactly as the book does.
 The run directory (``--out``) gets config.json, metrics.jsonl, samples.txt, loss.png and orbax
 checkpoints; ``--resume RUN`` continues a stopped run step for step.
+
+``--mesh data=N,fsdp=M`` trains on many devices (:mod:`gptjax.sharding`); started on every host of a
+cluster with ``--distributed`` (or ``--coordinator``/``--num-processes``/``--process-id``), it is one
+multi-host run in which process 0 writes the logs and every process takes part in the checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import Any
 
 import jax
 
+from jax.sharding import Mesh
+
+from gptjax import sharding
 from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
 from gptjax.model import Params, abstract_params, init_params, param_count
@@ -29,6 +36,7 @@ from gptjax.training import (
     TrainConfig,
     TrainHooks,
     make_optimizer,
+    make_train_step,
     run_keys,
     steps_per_epoch,
     train_model_simple,
@@ -37,8 +45,10 @@ from gptjax.training import (
 DEFAULT_PRESET = "GPT_CONFIG_124M"
 MODEL_FLAGS = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
 DATA_FLAGS = ("corpus", "train_tokens", "val_tokens", "data_dir")
-# Settings that may change when resuming: they do not touch the arithmetic of training.
-RESUME_OVERRIDES = ("max_steps", "save_every", "keep", "progress")
+DEVICE_FLAGS = ("mesh", "coordinator", "num_processes", "process_id", "distributed")
+# Settings that may change when resuming: they do not touch the arithmetic of training (a new mesh only
+# changes the order of floating-point sums).
+RESUME_OVERRIDES = ("max_steps", "save_every", "keep", "progress", *DEVICE_FLAGS)
 METRICS, SAMPLES, CONFIG, PLOT = "metrics.jsonl", "samples.txt", "config.json", "loss.png"
 
 
@@ -97,8 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-every", type=int, metavar="N", help="also checkpoint every this many steps (default: only at the end)")
     r.add_argument("--keep", type=int, metavar="N", help=f"checkpoints to keep (default: {d.keep})")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint to its end, "
-                   "with its settings (only --max-steps, --save-every, --keep and --no-progress may be given)")
+                   "with its settings (only --max-steps, --save-every, --keep, --no-progress and the device flags "
+                   "may be given: a run may resume on another mesh)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    v = p.add_argument_group("devices")
+    v.add_argument("--mesh", metavar="AXES", help="train on all devices as a mesh data=N,fsdp=M whose sizes multiply "
+                   "to the device count: batches split over both axes, parameters and optimizer state split over "
+                   "fsdp (replicated over data); the batch size must be a multiple of N*M (default: one device; "
+                   "in a multi-process run data=<all devices>)")
+    v.add_argument("--distributed", action="store_true", help="join a multi-host run whose settings jax detects "
+                   "(Cloud TPU pod slices, SLURM, Open MPI): start the same command on every host")
+    v.add_argument("--coordinator", metavar="HOST:PORT", help="join a multi-host run: process 0's address and a free "
+                   "port (or set JAX_COORDINATOR_ADDRESS)")
+    v.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (or JAX_NUM_PROCESSES)")
+    v.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1 (or JAX_PROCESS_ID)")
     return p
 
 
@@ -124,13 +147,19 @@ def run(args: dict[str, Any]) -> Path:
     start = time.time()
     progress = args.get("progress", True)
     resuming = "resume" in args
+    sharding.initialize_distributed(args.get("coordinator"), args.get("num_processes"), args.get("process_id"),
+                                    auto=args.get("distributed", False))
+    mesh = _make_mesh(args)
     if resuming:
         run_dir, cfg, tcfg, data, steps_at_start = _resume_settings(args)
     else:
         cfg, tcfg, data, params = _new_run(args)
+    if mesh is not None:
+        sharding.check_batch_size(tcfg.batch_size, mesh)
     train_loader, val_loader = build_loaders(data, cfg, tcfg)
     if not resuming:  # only once the data is known to be usable
         run_dir = _make_run_dir(args.get("out"))
+    sharding.sync_processes("gptjax.train: settings checked")  # before process 0 writes anything
     n_steps = steps_per_epoch(train_loader, tcfg.grad_accum)
     if n_steps == 0:
         raise ValueError(f"the training data gives {len(train_loader)} batches, fewer than --grad-accum "
@@ -140,30 +169,69 @@ def run(args: dict[str, Any]) -> Path:
         if n_steps != steps_at_start:
             raise ValueError(f"the training data now gives {n_steps} steps per epoch, not {steps_at_start} as "
                              f"when {run_dir} started: its data changed, so the run cannot resume exactly")
-        params, opt_state, position, key = _restore(run_dir, cfg, optimizer)
-        print(f"resuming {run_dir} at step {position.step}")
+        params, opt_state, position, key = _restore(run_dir, cfg, optimizer, mesh)
+        _log(f"resuming {run_dir} at step {position.step}")
     else:
-        opt_state, position, key = None, Position(), run_keys(tcfg.seed)[1]
-    _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader)
-    print(f"model: {param_count(abstract_params(cfg)):,} parameters, {cfg}")
-    print(f"data: {len(train_loader)} training and {len(val_loader)} validation batches of {tcfg.batch_size} x "
-          f"{cfg.context_length} tokens, {n_steps} steps per epoch; run directory {run_dir}")
+        init_key, key = run_keys(tcfg.seed)
+        params, opt_state = _init_state(cfg, optimizer, init_key, params, mesh)
+        position = Position()
+    train_step = None  # the loop's own single-device step
+    if mesh is not None:
+        jit_kwargs = sharding.train_step_jit_kwargs(mesh, cfg, optimizer, tcfg.grad_accum)
+        train_step = make_train_step(cfg, optimizer, grad_accum=tcfg.grad_accum, jit_kwargs=jit_kwargs)
+        train_loader, val_loader = sharding.ShardedLoader(train_loader, mesh), sharding.ShardedLoader(val_loader, mesh)
+    if sharding.is_main_process():
+        _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader)
+    _log(f"model: {param_count(abstract_params(cfg)):,} parameters, {cfg}")
+    _log(f"data: {len(train_loader)} training and {len(val_loader)} validation batches of {tcfg.batch_size} x "
+         f"{cfg.context_length} tokens, {n_steps} steps per epoch; run directory {run_dir}")
+    if mesh is not None:
+        _log(f"devices: mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+             f"{jax.process_count()} process(es)")
 
     hooks = RunWriter(run_dir, cfg, key, tcfg.keep)
     try:
         result = train_model_simple(
             params, cfg, train_loader, val_loader, tcfg, optimizer=optimizer, opt_state=opt_state,
-            start=position, key=key, hooks=hooks, progress=progress,
+            train_step=train_step, start=position, key=key, hooks=hooks, progress=progress,
         )
     finally:
         hooks.close()
-        plot_run(run_dir)
+        if sharding.is_main_process():
+            plot_run(run_dir)
     history = result.history
     if history.train_losses:
-        print(f"last evaluation: train loss {history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f}")
-    print(f"done: {result.position.step} steps, {result.position.tokens_seen:,} tokens seen, "
-          f"{time.time() - start:.1f}s; run directory {run_dir}")
+        _log(f"last evaluation: train loss {history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f}")
+    _log(f"done: {result.position.step} steps, {result.position.tokens_seen:,} tokens seen, "
+         f"{time.time() - start:.1f}s; run directory {run_dir}")
     return run_dir
+
+
+def _log(message: str) -> None:
+    if sharding.is_main_process():
+        print(message)
+
+
+def _make_mesh(args: dict[str, Any]) -> Mesh | None:
+    """The --mesh; without one, a single device, or data parallelism over every device of a multi-process run."""
+    if "mesh" in args:
+        return sharding.make_mesh(sharding.parse_mesh(args["mesh"]))
+    if jax.process_count() > 1:
+        return sharding.make_mesh({"data": jax.device_count()})
+    return None
+
+
+def _init_state(cfg: GPTConfig, optimizer, key: jax.Array, params: Params | None,
+                mesh: Mesh | None) -> tuple[Params, OptState | None]:
+    """A new run's parameters (``params`` loaded with --init-from, else initialised from ``key``) and, on a
+    mesh, its optimizer state, both created in their shards (train_model_simple makes a one-device state)."""
+    if mesh is None:
+        return (init_params(cfg, key) if params is None else params), None
+    if params is None:
+        params = sharding.init_sharded_params(cfg, key, mesh)
+    else:
+        params = sharding.shard_params(params, mesh)
+    return params, sharding.init_sharded_opt_state(optimizer, params, mesh)
 
 
 class RunWriter(TrainHooks):
@@ -171,26 +239,32 @@ class RunWriter(TrainHooks):
 
     def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, keep: int):
         self.run_dir, self.cfg, self.key = run_dir, cfg, key
-        self.manager = checkpoint_manager(run_dir, keep)
-        # Line-buffered appends: a killed run leaves whole lines (resume drops any past its checkpoint).
-        self.metrics = open(run_dir / METRICS, "a", buffering=1)
-        self.samples = open(run_dir / SAMPLES, "a", buffering=1)
+        self.manager = checkpoint_manager(run_dir, keep)  # every process saves its shards
+        # Only process 0 logs. Line-buffered appends: a killed run leaves whole lines (resume drops any past
+        # its checkpoint).
+        self.logs = sharding.is_main_process()
+        self.metrics = open(run_dir / METRICS, "a", buffering=1) if self.logs else None
+        self.samples = open(run_dir / SAMPLES, "a", buffering=1) if self.logs else None
 
     def on_step(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
+        if self.logs:
+            self.metrics.write(json.dumps(record) + "\n")
 
     def on_eval(self, record: dict) -> None:
-        self.metrics.write(json.dumps(record) + "\n")
+        if self.logs:
+            self.metrics.write(json.dumps(record) + "\n")
 
     def on_sample(self, epoch: int, step: int, text: str) -> None:
-        self.samples.write(f"Ep {epoch} (Step {step:06d}): {text}\n")
+        if self.logs:
+            self.samples.write(f"Ep {epoch} (Step {step:06d}): {text}\n")
 
     def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
         save_checkpoint(self.manager, position, params, opt_state, self.key, self.cfg)
 
     def close(self) -> None:
-        self.metrics.close()
-        self.samples.close()
+        if self.logs:
+            self.metrics.close()
+            self.samples.close()
         self.manager.close()
 
 
@@ -198,7 +272,8 @@ class RunWriter(TrainHooks):
 # Setting up a new run, or picking one up
 
 
-def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params]:
+def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params | None]:
+    """The settings of a new run, and the --init-from weights (None: initialise from the seed)."""
     tcfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
     overrides = {k: args[k] for k in MODEL_FLAGS if k in args}
     if "init_from" in args:
@@ -219,8 +294,6 @@ def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params
     tcfg = tcfg.replace(stride=tcfg.stride or cfg.context_length)
     if "out" in args:
         _check_out(Path(args["out"]))
-    if params is None:
-        params = init_params(cfg, run_keys(tcfg.seed)[0])
     init_from = str(Path(args["init_from"]).absolute()) if "init_from" in args else None
     return cfg, tcfg, {**_data_spec(args), "init_from": init_from}, params
 
@@ -236,16 +309,18 @@ def _resume_settings(args: dict[str, Any]) -> tuple[Path, GPTConfig, TrainConfig
     if latest_step(run_dir) is None:
         raise ValueError(f"{run_dir} has no finished checkpoint to resume from; start a new run instead")
     # A stored --max-steps was where the run was told to stop: resuming runs on to the end unless given again.
-    overrides = {"max_steps": None, **{k: args[k] for k in RESUME_OVERRIDES if k in args and k != "progress"}}
+    given = {k: args[k] for k in RESUME_OVERRIDES if k in args and k in TrainConfig.__dataclass_fields__}
+    overrides = {"max_steps": None, **given}
     tcfg = TrainConfig.from_dict(config["train"]).replace(**overrides)
     return run_dir, GPTConfig.from_dict(config["model"]), tcfg, config["data"], config["steps_per_epoch"]
 
 
-def _restore(run_dir: Path, cfg: GPTConfig, optimizer) -> tuple[Params, OptState, Position, jax.Array]:
-    params_target = abstract_params(cfg)
-    params, opt_state, position, key = restore_checkpoint(
-        run_dir, params_target, jax.eval_shape(optimizer.init, params_target)
-    )
+def _restore(run_dir: Path, cfg: GPTConfig, optimizer,
+             mesh: Mesh | None) -> tuple[Params, OptState, Position, jax.Array]:
+    # Into the shardings of the current mesh, whatever mesh wrote the checkpoint.
+    params, opt_state, position, key = restore_checkpoint(run_dir, *sharding.abstract_state(cfg, optimizer, mesh))
+    if not sharding.is_main_process():
+        return params, opt_state, position, key
     # Events after the checkpoint belong to a run that was then lost: they will happen again.
     _trim_lines(run_dir / METRICS, position.step, lambda line: json.loads(line)["step"])
     _trim_lines(run_dir / SAMPLES, position.step, lambda line: int(re.match(r"Ep \d+ \(Step (\d+)\)", line)[1]))
@@ -321,6 +396,8 @@ def build_loaders(data: dict, cfg: GPTConfig, tcfg: TrainConfig):
 
 
 def _make_run_dir(out: str | None) -> Path:
+    if out is None and jax.process_count() > 1:
+        raise ValueError("a multi-process run needs --out DIR, a directory on a file system every host shares")
     if out is None:
         base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
         run_dir, n = base, 1

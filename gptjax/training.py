@@ -313,6 +313,12 @@ def generate_and_print_sample(
     return decoded
 
 
+def _on_device(tree: Any) -> Any:
+    """Host (numpy) leaves moved to the default device; jax arrays, sharded ones included, stay where they are
+    (a multi-host array cannot be moved to one device)."""
+    return jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), tree)
+
+
 def steps_per_epoch(train_loader: Any, grad_accum: int = 1) -> int:
     """Optimizer steps in one epoch: a last group of fewer than ``grad_accum`` batches is dropped."""
     return len(train_loader) // grad_accum
@@ -380,8 +386,8 @@ def train_model_simple(
     last_step = total_steps if tcfg.max_steps is None else min(total_steps, tcfg.max_steps)
     optimizer = optimizer or make_optimizer(tcfg, total_steps)
     # On device from the start: host (numpy) inputs would make the second step compile again.
-    params = jax.device_put(params)
-    opt_state = init_opt_state(optimizer, params) if opt_state is None else jax.device_put(opt_state)
+    params = _on_device(params)
+    opt_state = init_opt_state(optimizer, params) if opt_state is None else _on_device(opt_state)
     train_step = train_step or make_train_step(cfg, optimizer, grad_accum=tcfg.grad_accum)
     key = run_keys(tcfg.seed)[1] if key is None else key
     hooks = hooks or TrainHooks()
