@@ -13,10 +13,11 @@ gptjax.training.make_optimizer with the book's settings), and tests/torch_refere
 torch.optim.AdamW (lr 4e-4, weight decay 0.1), eager and torch.compile'd. bfloat16 means gptjax's
 mixed precision (apply(..., dtype=jnp.bfloat16)) and torch.autocast(bfloat16) for torch.
 
-Timing: compile time is reported separately (jax: lower + compile; torch.compile: first step minus the
-median step); --warmup steps are excluded; then each implementation runs --steps steps, interleaved
-step by step so that a busy machine slows them alike; each step waits for its result. tokens/s uses
-the median step. MFU counts 6N + 12 L H Q T FLOPs per token (N: parameters without the position
+Timing: one implementation at a time (each alone in memory); compile time is reported separately
+(jax: lower + compile; torch.compile: first step minus the median step); --warmup steps are excluded;
+then --steps steps, each waiting for its result (block_until_ready / synchronize). tokens/s uses the
+median step; cpu_s is the process CPU time of a step, which other processes on a busy CPU inflate
+much less than wall time (on an idle machine it is about threads x step time). MFU counts 6N + 12 L H Q T FLOPs per token (N: parameters without the position
 embedding; L layers, H heads, Q head size, T sequence length) against the peak of a large float32
 matmul measured by this script (and, on GPU/TPU, the datasheet's dense bf16 peak).
 """
@@ -27,6 +28,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,15 +72,16 @@ def flops_per_token(cfg: gptjax.GPTConfig, seq_len: int) -> int:
 
 
 class JaxRunner:
-    """gptjax's train step on a fixed batch; parameters and optimizer state are donated and carried."""
+    """gptjax's train step on a fixed batch: the computation of gptjax.training.make_train_step
+    (value_and_grad of the mean cross-entropy, AdamW), with the model's compute options. Parameters
+    and optimizer state are donated and carried from step to step."""
 
     def __init__(self, cfg, inputs, targets, dtype, remat):
         self.name = "gptjax" + ("+remat" if remat else "")
         optimizer = make_optimizer(TrainConfig(), total_steps=1000)
-        train = cfg.drop_rate > 0
 
         def loss_fn(params, x, y, key):
-            logits = gptjax.apply(params, cfg, x, train=train, rng=key if train else None, dtype=dtype, remat=remat)
+            logits = gptjax.apply(params, cfg, x, train=True, rng=key, dtype=dtype, remat=remat)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         def step(params, opt_state, x, y, key):
@@ -90,11 +93,12 @@ class JaxRunner:
         self.opt_state = jax.jit(optimizer.init)(self.params)
         self.batch = (jnp.asarray(inputs), jnp.asarray(targets))
         self.key = jax.random.key(0)
-        jitted = jax.jit(step, donate_argnums=(0, 1))
-        self.compile_s = timed(
-            lambda: setattr(self, "step_fn", jitted.lower(self.params, self.opt_state, *self.batch, self.key).compile())
-        )
+        start = time.perf_counter()
+        self.step_fn = jax.jit(step, donate_argnums=(0, 1)).lower(
+            self.params, self.opt_state, *self.batch, self.key).compile()
+        self.compile_s = time.perf_counter() - start
         self.steps = 0
+        self.first_s = None
 
     def step(self) -> None:
         self.steps += 1
@@ -123,6 +127,8 @@ class TorchRunner:
         # torch.compile compiles during the first step: its compile time is that step minus a normal one.
         self.first_s = timed(self.step) if mode == "compile" else None
         self.compile_s = None
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def step(self) -> None:
         torch = self.torch
@@ -150,6 +156,18 @@ def torch_device() -> str | None:
     return None
 
 
+def measure(runner, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of ``steps`` steps after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        runner.step()
+    wall, cpu = [], []
+    for _ in range(steps):
+        cpu_start = time.process_time()
+        wall.append(timed(runner.step))
+        cpu.append(time.process_time() - cpu_start)
+    return wall, cpu
+
+
 def run_case(name, args, peak_fp32, peak_datasheet) -> dict:
     cfg, batch, dropout = case_setup(name, args.large_batch)
     seq = cfg.context_length
@@ -160,59 +178,50 @@ def run_case(name, args, peak_fp32, peak_datasheet) -> dict:
     print(f"\n== {name}: {cfg.n_layers} layers, emb {cfg.emb_dim}, vocab {cfg.vocab_size}, batch {batch} x {seq}, "
           f"dropout {cfg.drop_rate}; {fpt / 1e9:.3f} GFLOP/token", flush=True)
 
-    rows, runners = [], []
+    rows = []
     for dtype_name in args.dtypes:
-        specs = [("jax", False)] + ([("jax", True)] if args.remat else [])
+        specs = [("gptjax", False)] + ([("gptjax", True)] if args.remat else [])
         specs += [("torch", mode) for mode in args.torch] if args.torch_device else []
         for kind, option in specs:
-            row = dict(case=name, dtype=dtype_name, batch=batch, seq_len=seq)
+            # One implementation at a time: each gets the whole device (and its memory) to itself.
+            row = dict(case=name, impl=kind if kind == "gptjax" else f"torch-{option}", dtype=dtype_name,
+                       batch=batch, seq_len=seq)
+            rows.append(row)
             try:
-                if kind == "jax":
+                if kind == "gptjax":
                     runner = JaxRunner(cfg, inputs, targets, DTYPES[dtype_name], remat=option)
                 else:
                     runner = TorchRunner(cfg, inputs, targets, dtype_name, option, args.torch_device)
-            except Exception as exc:  # noqa: BLE001 -- a failed implementation is a result, recorded in the JSON
-                row.update(impl=("gptjax" if kind == "jax" else f"torch-{option}"), error=f"{type(exc).__name__}: {exc}")
-                print(f"  {row['impl']} {dtype_name}: FAILED ({row['error'][:200]})", flush=True)
-                rows.append(row)
+                wall, cpu = measure(runner, args.steps, args.warmup)
+            except Exception as exc:  # noqa: BLE001 -- a failing implementation is a result: recorded in the JSON
+                row["error"] = f"{type(exc).__name__}: {exc}"
+                print(f"  {row['impl']} {dtype_name}: FAILED ({row['error'][:300]})", flush=True)
                 continue
-            row.update(impl=runner.name, compile_s=runner.compile_s)
-            print(f"  {runner.name} {dtype_name}: ready" +
-                  (f" (compile {runner.compile_s:.1f} s)" if runner.compile_s is not None else ""), flush=True)
-            rows.append(row)
-            runners.append((row, runner))
+            step_s = median(wall)
+            tokens_per_s = batch * seq / step_s
+            row.update(
+                impl=runner.name,
+                # torch.compile compiles inside its first step: that step minus a normal one
+                compile_s=runner.compile_s if runner.first_s is None else max(runner.first_s - step_s, 0.0),
+                step_s=step_s,
+                step_s_min=min(wall),
+                cpu_s=median(cpu),
+                step_times_s=[round(t, 4) for t in wall],
+                tokens_per_s=tokens_per_s,
+                tflops=tokens_per_s * fpt / 1e12,
+                mfu_measured=tokens_per_s * fpt / peak_fp32,
+                mfu_datasheet=None if peak_datasheet is None else tokens_per_s * fpt / peak_datasheet,
+            )
+            print(f"  {row['impl']} {dtype_name}: {tokens_per_s:,.0f} tokens/s, step {step_s:.3f} s "
+                  f"(cpu {row['cpu_s']:.2f} s), compile {row['compile_s'] or 0:.1f} s", flush=True)
+            del runner
+            gc.collect()
 
-    for _ in range(args.warmup):
-        for _, runner in runners:
-            runner.step()
-    times = {id(r): [] for r, _ in runners}
-    for i in range(args.steps):
-        for row, runner in runners:
-            times[id(row)].append(timed(runner.step))
-        print(f"  step {i + 1}/{args.steps}: " + ", ".join(f"{r['impl']} {r['dtype']} {times[id(r)][-1]:.3f}s"
-                                                      for r, _ in runners), flush=True)
-
-    for row, runner in runners:
-        step_s = median(times[id(row)])
-        if getattr(runner, "first_s", None) is not None:
-            row["compile_s"] = max(runner.first_s - step_s, 0.0)
-        tokens_per_s = batch * seq / step_s
-        row.update(
-            step_s=step_s,
-            step_s_min=min(times[id(row)]),
-            step_times_s=[round(t, 4) for t in times[id(row)]],
-            tokens_per_s=tokens_per_s,
-            tflops=tokens_per_s * fpt / 1e12,
-            mfu_measured=tokens_per_s * fpt / peak_fp32,
-            mfu_datasheet=None if peak_datasheet is None else tokens_per_s * fpt / peak_datasheet,
-        )
     for dtype_name in args.dtypes:
         base = next((r for r in rows if r["impl"] == "torch-eager" and r["dtype"] == dtype_name and "step_s" in r), None)
         for r in rows:
             if base is not None and r["dtype"] == dtype_name and "step_s" in r:
                 r["vs_torch_eager"] = r["tokens_per_s"] / base["tokens_per_s"]
-    del runners
-    gc.collect()
     return dict(case=name, config=cfg.to_dict(), batch=batch, seq_len=seq, dropout=dropout,
                 flops_per_token=fpt, rows=rows)
 
@@ -265,7 +274,7 @@ def main(argv=None) -> int:
 
     columns = [("case", "case", ""), ("impl", "impl", ""), ("dtype", "dtype", ""), ("batch", "B", "d"),
                ("seq_len", "T", "d"), ("tokens_per_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"),
-               ("compile_s", "compile s", ".1f"), ("mfu_measured", "MFU(meas)", ".1%"),
+               ("cpu_s", "cpu s", ".2f"), ("compile_s", "compile s", ".1f"), ("mfu_measured", "MFU(meas)", ".1%"),
                ("mfu_datasheet", "MFU(sheet)", ".1%"), ("vs_torch_eager", "vs torch", ".2f")]
     print()
     print_table([r for c in cases for r in c["rows"] if "step_s" in r], columns)
