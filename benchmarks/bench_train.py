@@ -17,9 +17,10 @@ Timing: one implementation at a time (each alone in memory); compile time is rep
 (jax: lower + compile; torch.compile: first step minus the median step); --warmup steps are excluded;
 then --steps steps, each waiting for its result (block_until_ready / synchronize). tokens/s uses the
 median step; cpu_s is the process CPU time of a step, which other processes on a busy CPU inflate
-much less than wall time (on an idle machine it is about threads x step time). MFU counts 6N + 12 L H Q T FLOPs per token (N: parameters without the position
-embedding; L layers, H heads, Q head size, T sequence length) against the peak of a large float32
-matmul measured by this script (and, on GPU/TPU, the datasheet's dense bf16 peak).
+much less than wall time (on an idle machine it is about threads x step time). MFU counts
+6N + 12 L H Q T FLOPs per token (N: parameters without the position embedding; L layers, H heads,
+Q head size, T sequence length) against the peak of a large float32 matmul measured by this script
+(and, on GPU/TPU, the datasheet's dense bf16 peak).
 """
 
 from __future__ import annotations
@@ -212,13 +213,15 @@ def run_case(name, args, peak_fp32, peak_datasheet) -> dict:
                 mfu_measured=tokens_per_s * fpt / peak_fp32,
                 mfu_datasheet=None if peak_datasheet is None else tokens_per_s * fpt / peak_datasheet,
             )
+            compiled = "" if row["compile_s"] is None else f", compile {row['compile_s']:.1f} s"
             print(f"  {row['impl']} {dtype_name}: {tokens_per_s:,.0f} tokens/s, step {step_s:.3f} s "
-                  f"(cpu {row['cpu_s']:.2f} s), compile {row['compile_s'] or 0:.1f} s", flush=True)
+                  f"(cpu {row['cpu_s']:.2f} s){compiled}", flush=True)
             del runner
             gc.collect()
 
     for dtype_name in args.dtypes:
-        base = next((r for r in rows if r["impl"] == "torch-eager" and r["dtype"] == dtype_name and "step_s" in r), None)
+        base = next((r for r in rows if r["impl"] == "torch-eager" and r["dtype"] == dtype_name and "step_s" in r),
+                    None)
         for r in rows:
             if base is not None and r["dtype"] == dtype_name and "step_s" in r:
                 r["vs_torch_eager"] = r["tokens_per_s"] / base["tokens_per_s"]

@@ -162,6 +162,18 @@ def test_dropout_free_training_takes_the_fused_path_and_matches_eval(params, ids
     np.testing.assert_array_equal(train, gptjax.apply(params, cfg, ids))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_accelerator_code_path_matches_the_cpu_path(params, ids, monkeypatch, dtype):
+    """Traced as if on a GPU (fused QKV, LayerNorm mean as a reduction, cuDNN attention tried and, with
+    no cuDNN here, XLA's taken instead), the model computes what the CPU path computes."""
+    run = lambda: jax.jit(lambda p: model_from_params(p, CFG, dtype=dtype)(ids))(params)  # noqa: E731
+    cpu = run()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    gpu = run()
+    atol = 1e-4 if dtype == jnp.float32 else BF16_LOGITS_RTOL * float(jnp.abs(cpu).max())
+    np.testing.assert_allclose(gpu, cpu, atol=atol)
+
+
 # --- rematerialisation ----------------------------------------------------------------------------
 
 
