@@ -17,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params, abstract_params
 from gptjax.training import OptState, Position
@@ -118,20 +117,9 @@ def save_params(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None
     path = Path(path).absolute()
     if path.exists() and not _is_params_dir(path):
         raise ValueError(f"{path} exists and is not a gptjax parameter directory; choose a new path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path, _is_params_dir) as tmp:
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(tmp / PARAMS, args=ocp.args.StandardSave(params))
         (tmp / CONFIG_JSON).write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2) + "\n")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:

@@ -7,15 +7,14 @@ memmap: ``GPTDataset`` only ever slices the windows it is asked for, so the file
 
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 
+from gptjax.atomic import atomic_file
 from gptjax.tokenizer import ENDOFTEXT, get_tokenizer
 
 # Token files are raw little-endian uint16 (GPT-2's 50,257 ids fit), as in nanoGPT: no header, so any tool
@@ -156,20 +155,6 @@ def create_dataloader(
     return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temporary path next to ``path`` that replaces it when the block succeeds, and is removed if not."""
-    path = Path(path)
-    # Named, not created (mkstemp would make it 0600): the writer creates it with the usual permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-
 def write_token_file(path: str | os.PathLike, ids: np.ndarray | Sequence[int]) -> None:
     """Write token ids as a raw uint16 file, atomically."""
     ids = np.asarray(ids)
@@ -178,7 +163,7 @@ def write_token_file(path: str | os.PathLike, ids: np.ndarray | Sequence[int]) -
     if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
         raise ValueError(f"token ids must be integers in [0, 65535] to fit a uint16 token file, "
                          f"got dtype {ids.dtype} with range [{ids.min()}, {ids.max()}]")
-    with atomic_path(path) as tmp:
+    with atomic_file(path) as tmp:
         ids.astype(TOKEN_DTYPE, copy=False).tofile(tmp)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptjax.data import TOKEN_DTYPE, atomic_path, read_corpus
+from gptjax.atomic import atomic_file
+from gptjax.data import TOKEN_DTYPE, read_corpus
 from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
 
 
@@ -46,7 +47,7 @@ def prepare_corpus(inputs: list[str], out: str, val_ratio: float = 0.1, progress
     tokenizer = get_tokenizer()
 
     with contextlib.ExitStack() as stack:
-        train_tmp = stack.enter_context(atomic_path(out_dir / "train.bin"))
+        train_tmp = stack.enter_context(atomic_file(out_dir / "train.bin"))
         n_total = 0
         with open(train_tmp, "wb") as f:
             for i, path in enumerate(tqdm(paths, desc="tokenizing", unit="file", disable=not progress)):
@@ -64,7 +65,7 @@ def prepare_corpus(inputs: list[str], out: str, val_ratio: float = 0.1, progress
                              f"(--val-ratio {val_ratio}); add text or change --val-ratio")
         # The validation tail is copied out, then the temp file is cut down to the training head; both files
         # replace their old versions only once everything has succeeded.
-        val_tmp = stack.enter_context(atomic_path(out_dir / "val.bin"))
+        val_tmp = stack.enter_context(atomic_file(out_dir / "val.bin"))
         tokens = np.memmap(train_tmp, dtype=TOKEN_DTYPE, mode="r")
         tokens[n_train:].tofile(val_tmp)
         del tokens

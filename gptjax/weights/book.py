@@ -13,10 +13,10 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.atomic import atomic_file
 from gptjax.weights.mapping import (
     SIDECAR,
     Row,
-    atomic_file,
     check_config,
     check_sidecar_free,
     heads_for,

@@ -17,9 +17,9 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.atomic import atomic_dir
 from gptjax.weights.mapping import (
     Row,
-    atomic_dir,
     check_config,
     get_path,
     heads_for,

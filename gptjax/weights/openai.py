@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.atomic import atomic_dir
 from gptjax.weights.mapping import (
     Row,
-    atomic_dir,
     check_config,
     get_path,
     one_line,
