@@ -34,8 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-# JAX must not grab most of an accelerator's memory up front: torch runs beside it.
+# JAX must not grab most of an accelerator's memory up front: torch runs beside it. torch.compile's
+# compile time must be a real compile, not a hit in inductor's on-disk cache from an earlier run.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
