@@ -8,10 +8,11 @@ Cases (random weights and tokens; the same batch for every implementation):
   gpt2-1024  gpt2-small (124M, qkv bias) at T=1024, batch --large-batch (default 1 on CPU, 16 on an
              accelerator), dropout 0 as in GPT-2 pretraining runs (so attention can take the fused path)
 
-Implementations: gptjax (one jitted step: value_and_grad of the mean cross-entropy, then AdamW from
-gptjax.training.make_optimizer with the book's settings), and tests/torch_reference.GPTModel with
+Implementations: gptjax (gptjax.training.make_train_step, the step the training CLI runs: value_and_grad
+of the mean cross-entropy, AdamW from gptjax.training.make_optimizer with the book's settings, the
+loss and gradient norm as metrics), and tests/torch_reference.GPTModel with
 torch.optim.AdamW (lr 4e-4, weight decay 0.1), eager and torch.compile'd. bfloat16 means gptjax's
-mixed precision (apply(..., dtype=jnp.bfloat16)) and torch.autocast(bfloat16) for torch.
+mixed precision (make_train_step(..., dtype=jnp.bfloat16), the CLI's --dtype bfloat16) and torch.autocast(bfloat16) for torch.
 
 Timing: one implementation at a time (each alone in memory); compile time is reported separately
 (jax: lower + compile; torch.compile: first step minus the median step); --warmup steps are excluded;
@@ -42,7 +43,6 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
 import gptjax  # noqa: E402
 from benchmarks.common import (  # noqa: E402
@@ -54,7 +54,7 @@ from benchmarks.common import (  # noqa: E402
     timed,
     write_json,
 )
-from gptjax.training import TrainConfig, make_optimizer  # noqa: E402
+from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step  # noqa: E402
 
 CASES = ("book", "gpt2-1024")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -75,30 +75,20 @@ def flops_per_token(cfg: gptjax.GPTConfig, seq_len: int) -> int:
 
 
 class JaxRunner:
-    """gptjax's train step on a fixed batch: the computation of gptjax.training.make_train_step
-    (value_and_grad of the mean cross-entropy, AdamW), with the model's compute options. Parameters
-    and optimizer state are donated and carried from step to step."""
+    """gptjax.training.make_train_step on a fixed batch: the step `python -m gptjax.train` runs (loss,
+    gradients, AdamW with the book's settings, metrics), with the model's compute options. Parameters and
+    optimizer state are donated and carried from step to step."""
 
     def __init__(self, cfg, inputs, targets, dtype, remat):
         self.name = "gptjax" + ("+remat" if remat else "")
         optimizer = make_optimizer(TrainConfig(), total_steps=1000)
-
-        def loss_fn(params, x, y, key):
-            logits = gptjax.apply(params, cfg, x, train=True, rng=key, dtype=dtype, remat=remat)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        def step(params, opt_state, x, y, key):
-            loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
         self.params = gptjax.init_params(cfg, seed=0)
-        self.opt_state = jax.jit(optimizer.init)(self.params)
+        self.opt_state = init_opt_state(optimizer, self.params)
         self.batch = (jnp.asarray(inputs), jnp.asarray(targets))
         self.key = jax.random.key(0)
         start = time.perf_counter()
-        self.step_fn = jax.jit(step, donate_argnums=(0, 1)).lower(
-            self.params, self.opt_state, *self.batch, self.key).compile()
+        self.step_fn = make_train_step(cfg, optimizer, dtype=dtype, remat=remat).lower(
+            self.params, self.opt_state, self.batch, self.key).compile()
         self.compile_s = time.perf_counter() - start
         self.steps = 0
         self.first_s = None
@@ -106,8 +96,8 @@ class JaxRunner:
     def step(self) -> None:
         self.steps += 1
         key = jax.random.fold_in(self.key, self.steps)
-        self.params, self.opt_state, loss = self.step_fn(self.params, self.opt_state, *self.batch, key)
-        jax.block_until_ready((self.params, loss))
+        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, self.batch, key)
+        jax.block_until_ready((self.params, metrics))
 
 
 class TorchRunner:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 import time
@@ -26,10 +25,12 @@ from jax.sharding import Mesh
 
 from gptjax import sharding
 from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
+from gptjax.atomic import atomic_file
 from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
 from gptjax.model import Params, abstract_params, init_params, param_count
 from gptjax.plot import plot_run
 from gptjax.training import (
+    COMPUTE_DTYPES,
     NonFiniteLossError,
     OptState,
     Position,
@@ -40,6 +41,7 @@ from gptjax.training import (
     run_keys,
     steps_per_epoch,
     train_model_simple,
+    train_step_options,
 )
 
 DEFAULT_PRESET = "GPT_CONFIG_124M"
@@ -94,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-lr", type=float, metavar="X", help="cosine-decay the learning rate to this value (default: constant lr)")
     t.add_argument("--grad-clip", type=float, metavar="X", help="clip gradients to this global norm (default: no clipping)")
     t.add_argument("--grad-accum", type=int, metavar="N", help="batches per optimizer step (default: 1)")
+    t.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="matmul compute dtype: bfloat16 is mixed "
+                   "precision (float32 parameters, optimizer state, softmax, LayerNorm statistics and loss); "
+                   f"for GPUs and TPUs (default: {d.dtype})")
+    t.add_argument("--remat", action="store_true", help="recompute each block's activations in the backward pass: "
+                   "less memory for longer contexts or bigger batches, about a third more compute")
     t.add_argument("--seed", type=int, metavar="N", help=f"seed for initialisation, shuffling and dropout (default: {d.seed})")
 
     e = p.add_argument_group("evaluation")
@@ -178,7 +185,7 @@ def run(args: dict[str, Any]) -> Path:
     train_step = None  # the loop's own single-device step
     if mesh is not None:
         jit_kwargs = sharding.train_step_jit_kwargs(mesh, cfg, optimizer, tcfg.grad_accum)
-        train_step = make_train_step(cfg, optimizer, grad_accum=tcfg.grad_accum, jit_kwargs=jit_kwargs)
+        train_step = make_train_step(cfg, optimizer, **train_step_options(tcfg), jit_kwargs=jit_kwargs)
         train_loader, val_loader = sharding.ShardedLoader(train_loader, mesh), sharding.ShardedLoader(val_loader, mesh)
     if sharding.is_main_process():
         _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader)
@@ -446,9 +453,8 @@ def _trim_lines(path: Path, step: int, step_of) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ TrainStep = Callable[[Params, OptState, Batch, jax.Array], tuple[Params, OptStat
 # Loss
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "train"))
+@functools.partial(jax.jit, static_argnames=("cfg", "train", "dtype", "remat"))
 def calc_loss_batch(
     params: Params,
     cfg: GPTConfig,
@@ -41,9 +41,14 @@ def calc_loss_batch(
     *,
     train: bool = False,
     rng: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
 ) -> jax.Array:
-    """Mean cross-entropy over every token of the batch (the book's ``calc_loss_batch``)."""
-    logits = apply(params, cfg, input_batch, train=train, rng=rng)
+    """Mean cross-entropy over every token of the batch (the book's ``calc_loss_batch``).
+
+    ``dtype`` and ``remat`` are :func:`gptjax.model.apply`'s compute options; the logits and the loss
+    are float32 either way."""
+    logits = apply(params, cfg, input_batch, train=train, rng=rng, dtype=dtype, remat=remat)
     return optax.softmax_cross_entropy_with_integer_labels(logits, target_batch).mean()
 
 
@@ -72,6 +77,9 @@ def perplexity(loss: float | jax.Array) -> float | jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Settings and optimizer
 
+# TrainConfig.dtype names: parameters and optimizer state stay float32 in every case.
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -94,6 +102,8 @@ class TrainConfig:
     start_context: str = "Every effort moves you"  # "" disables the per-epoch sample
     seed: int = 123
     shuffle: bool = True
+    dtype: str = "float32"  # matmul compute dtype of the train step: "float32" or "bfloat16" (mixed precision)
+    remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
     save_every: int = 0  # 0: save only at the end
     keep: int = 3
 
@@ -118,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"min_lr must be between 0 and lr ({self.lr}), got {self.min_lr}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive, got {self.grad_clip}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -178,6 +190,8 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     grad_accum: int = 1,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
     jit_kwargs: dict[str, Any] | None = None,
 ) -> TrainStep:
     """The jitted step ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
@@ -185,11 +199,12 @@ def make_train_step(
     ``batch`` is ``(inputs, targets)`` of shape [B, T], or [grad_accum, B, T] with accumulation: the
     micro-batches run one after another in a scan and their mean gradient makes one optimizer update.
     ``key`` is this step's dropout key. ``metrics`` holds the batch ``loss``, the gradient's global
-    norm and the ``lr`` used. ``jit_kwargs`` (e.g. ``in_shardings``/``out_shardings`` for a mesh) go to
+    norm and the ``lr`` used. ``dtype`` (``jnp.bfloat16``: mixed precision) and ``remat`` are the model's
+    compute options (:func:`gptjax.model.apply`). ``jit_kwargs`` (e.g. ``in_shardings``/``out_shardings`` for a mesh) go to
     ``jax.jit`` on top of the donation of params and optimizer state, whose buffers the update reuses.
     """
     grad_fn = jax.value_and_grad(
-        lambda p, x, y, k: calc_loss_batch(p, cfg, x, y, train=True, rng=k)
+        lambda p, x, y, k: calc_loss_batch(p, cfg, x, y, train=True, rng=k, dtype=dtype, remat=remat)
     )
 
     def train_step(params, opt_state, batch, key):
@@ -214,12 +229,35 @@ def make_train_step(
         lr = optax.tree_utils.tree_get(opt_state, "learning_rate", filtering=lambda _, v: isinstance(v, jax.Array))
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": global_norm(grads),
             "lr": jnp.asarray(jnp.nan if lr is None else lr, jnp.float32),
         }
         return params, opt_state, metrics
 
     return jax.jit(train_step, **{"donate_argnums": (0, 1), **(jit_kwargs or {})})
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together (``optax.tree.norm``), each matrix's sum of squares taken as a
+    matrix-vector product.
+
+    On XLA:CPU a plain reduction over the output head's [768, 50257] gradient becomes a YNNPACK reduce
+    that, run beside the rest of the backward pass, stalls a core: 0.9 s of a 3.2 s GPT_CONFIG_124M step
+    (benchmarks/NOTES.md). The matvec is an ordinary GEMV there; HIGHEST keeps it float32 on GPUs too."""
+
+    def sum_of_squares(x: jax.Array) -> jax.Array:
+        x = jnp.square(x.astype(jnp.float32))
+        if x.ndim < 2:
+            return jnp.sum(x)
+        ones = jnp.ones((x.shape[-1],), jnp.float32)
+        return jnp.sum(jnp.matmul(x.reshape(-1, x.shape[-1]), ones, precision=jax.lax.Precision.HIGHEST))
+
+    return jnp.sqrt(sum(sum_of_squares(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def train_step_options(tcfg: TrainConfig) -> dict[str, Any]:
+    """:func:`make_train_step`'s keywords from a TrainConfig."""
+    return {"grad_accum": tcfg.grad_accum, "dtype": COMPUTE_DTYPES[tcfg.dtype], "remat": tcfg.remat}
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -388,7 +426,7 @@ def train_model_simple(
     # On device from the start: host (numpy) inputs would make the second step compile again.
     params = _on_device(params)
     opt_state = init_opt_state(optimizer, params) if opt_state is None else _on_device(opt_state)
-    train_step = train_step or make_train_step(cfg, optimizer, grad_accum=tcfg.grad_accum)
+    train_step = train_step or make_train_step(cfg, optimizer, **train_step_options(tcfg))
     key = run_keys(tcfg.seed)[1] if key is None else key
     hooks = hooks or TrainHooks()
     if tokenizer is None and tcfg.start_context:

@@ -127,6 +127,24 @@ def test_init_from_weights_takes_their_config(fmt, corpus, tmp_path):
     assert first["loss"] == pytest.approx(float(calc_loss_batch(params, cfg, x, y)), abs=1e-6)
 
 
+def test_dtype_and_remat_flags_reach_the_train_step(corpus, tmp_path, monkeypatch):
+    seen = []
+    real = gptjax.training.make_train_step
+
+    def recording_factory(*args, **kwargs):
+        seen.append((kwargs["dtype"], kwargs["remat"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptjax.training, "make_train_step", recording_factory)
+    out = tmp_path / "run"
+    assert train_cli("--corpus", corpus, "--dtype", "bfloat16", "--remat", "--max-steps", 2, "--start-context", "",
+                     "--out", out) == 0
+    assert seen == [(jax.numpy.bfloat16, True)]
+    train = TrainConfig.from_dict(json.loads((out / "config.json").read_text())["train"])
+    assert (train.dtype, train.remat) == ("bfloat16", True)  # and so a resumed run keeps them
+    assert all(np.isfinite(r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if "loss" in r)
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     real = gptjax.training.make_train_step
 
@@ -190,5 +208,5 @@ def test_help_explains_every_flag():
                  "--qkv-bias", "--batch-size", "--stride", "--train-ratio", "--epochs", "--max-steps", "--lr",
                  "--weight-decay", "--warmup-steps", "--min-lr", "--grad-clip", "--grad-accum", "--eval-freq",
                  "--eval-iter", "--start-context", "--seed", "--no-shuffle", "--out", "--save-every", "--keep",
-                 "--resume", "--init-from", "--train-tokens", "--val-tokens", "--data-dir"):
+                 "--resume", "--init-from", "--train-tokens", "--val-tokens", "--data-dir", "--dtype", "--remat"):
         assert flag in out

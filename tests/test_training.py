@@ -4,6 +4,7 @@ import itertools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -20,6 +21,7 @@ from gptjax.training import (
     calc_loss_batch,
     calc_loss_loader,
     decay_mask,
+    global_norm,
     init_opt_state,
     lr_schedule,
     make_optimizer,
@@ -155,6 +157,37 @@ def test_grad_accumulation_matches_one_big_batch(params):
     assert float(m_acc["loss"]) == pytest.approx(float(m_big["loss"]), abs=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(acc), jax.tree_util.tree_leaves(big)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_train_step_compute_options(params):
+    """bf16 mixed precision updates float32 parameters by nearly the float32 update; remat computes the same step."""
+    x = np.tile(byte_ids()[:33], (2, 1))
+    batch = (x[:, :-1], x[:, 1:])
+    opt = optax.sgd(1.0)  # the update is the gradient: differences are not hidden by Adam's normalisation
+    key = jax.random.key(0)
+    run = lambda **kw: make_train_step(CFG, opt, **kw)(fresh(params), init_opt_state(opt, params), batch, key)  # noqa: E731
+    plain, _, m_plain = run()
+    bf16, _, m_bf16 = run(dtype=jnp.bfloat16)
+    remat, _, m_remat = run(remat=True)
+    assert {a.dtype for a in jax.tree_util.tree_leaves(bf16)} == {jnp.dtype(jnp.float32)}
+    assert 0 < abs(float(m_bf16["loss"]) - float(m_plain["loss"])) <= 1e-2 * float(m_plain["loss"])
+    delta = lambda new: jax.tree_util.tree_map(lambda a, b: a - b, new, params)  # noqa: E731
+    err = optax.tree.norm(jax.tree_util.tree_map(lambda a, b: a - b, delta(bf16), delta(plain)))
+    assert 0 < float(err) <= 5e-2 * float(optax.tree.norm(delta(plain)))
+    assert float(m_remat["loss"]) == pytest.approx(float(m_plain["loss"]), abs=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(remat), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_global_norm_equals_optax_norm(params):
+    tree = jax.tree_util.tree_map(lambda p: p * 3.0 + 0.5, params)  # matrices, vectors, the [in, vocab] head
+    assert float(global_norm(tree)) == pytest.approx(float(optax.tree.norm(tree)), rel=1e-6)
+    assert float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])})) == 5.0
+
+
+def test_train_config_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        TrainConfig(dtype="float16")
 
 
 def test_dropout_key_changes_the_step(params):
