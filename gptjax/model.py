@@ -13,7 +13,7 @@ in float32, to within float rounding): ``dtype=jnp.bfloat16`` runs the matmuls i
 parameters, residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True``
 recomputes each block's activations in the backward pass instead of storing them. Always on, as they
 change nothing beyond rounding: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in
-bf16) wherever no dropout touches the attention weights, one fused matmul for the query, key and
+bf16) for self-attention that no dropout touches, a heads-major KV cache, one fused matmul for the query, key and
 value projections off CPU, and on CPU a LayerNorm mean that keeps XLA from recomputing the residual
 stream. benchmarks/NOTES.md has the measurements behind each choice.
 """
@@ -107,46 +107,43 @@ def causal_attention(
     *,
     q_offset: int | jax.Array = 0,
     dropout: Callable[[jax.Array], jax.Array] | None = None,
+    kv_heads_major: bool = False,
 ) -> jax.Array:
     """Scaled dot-product attention with a causal mask.
 
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim]. Query i sits at
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim], or
+    [batch, heads, kv_len, head_dim] with ``kv_heads_major`` (the KV cache's layout). Query i sits at
     position ``q_offset + i`` and key j at position j; a query attends to keys at positions <= its
     own. With a KV cache, keys past the filled part of the cache are therefore masked too.
     ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
     float32 whatever the input dtype.
     """
+    kv = "bhkd" if kv_heads_major else "bkhd"
     head_dim = q.shape[-1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
     q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
-    k_pos = jnp.arange(k.shape[1])[None, :]
+    k_pos = jnp.arange(k.shape[2 if kv_heads_major else 1])[None, :]
     scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         weights = dropout(weights)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v)
 
 
-def fused_causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, q_offset: int | jax.Array = 0
-) -> jax.Array:
-    """:func:`causal_attention` without dropout, through ``jax.nn.dot_product_attention``.
+def fused_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention over a whole sequence (q, k, v: [batch, seq, heads, head_dim]) without
+    dropout, through ``jax.nn.dot_product_attention``.
 
-    Self-attention over a whole sequence (``q_offset`` 0, as many keys as queries) in bf16/fp16 on
-    a GPU goes to cuDNN's flash attention, which never materialises the [q_len, kv_len] weights and
-    skips the masked half; everything else (float32, CPU, TPU, the KV-cache path) uses XLA's
-    implementation, the same computation as causal_attention.
+    In bf16/fp16 on a GPU it goes to cuDNN's flash attention, which never materialises the
+    [seq, seq] weights and skips the masked half; everywhere else XLA's implementation computes what
+    :func:`causal_attention` computes.
     """
-    if isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]:
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-            except (NotImplementedError, RuntimeError):  # no cuDNN, or a shape it does not support
-                pass
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-    q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
-    mask = jnp.arange(k.shape[1])[None, :] <= q_pos
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except (NotImplementedError, RuntimeError):  # no cuDNN, or a shape it does not support
+            pass
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
 
 
 class MultiHeadAttention(nnx.Module):
@@ -202,17 +199,21 @@ class MultiHeadAttention(nnx.Module):
         b, t, _ = x.shape
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in self.project_qkv(x))
         if cache is not None:
-            # Write this chunk's keys and values at positions pos..pos+t-1 and attend over the
-            # whole preallocated cache; the causal mask hides the slots not yet written.
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))
-            cache = {"k": k, "v": v}
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        if rngs is not None and self.dropout.rate > 0:
+            # Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
+            # preallocated cache; the causal mask hides the slots not yet written. The cache is
+            # heads-major ([batch, heads, slots, head_dim]): each decode step then reads it as it
+            # lies instead of transposing all of it.
+            def write(slots, new):
+                return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
+
+            cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+            context = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_offset=pos,
+                                       kv_heads_major=True)
+        elif rngs is not None and self.dropout.rate > 0:
             dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
-            context = causal_attention(q, k, v, q_offset=pos, dropout=dropout)
+            context = causal_attention(q, k, v, dropout=dropout)
         else:
-            context = fused_causal_attention(q, k, v, q_offset=pos)
+            context = fused_causal_attention(q, k, v)
         return self.out_proj(context.reshape(b, t, -1)), cache
 
 
@@ -362,8 +363,9 @@ def apply(
 
 
 def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty KV cache of context_length slots per layer, for :func:`apply_with_cache`."""
-    shape = (batch_size, cfg.context_length, cfg.n_heads, cfg.head_dim)
+    """An empty KV cache of context_length slots per layer, for :func:`apply_with_cache`: "k" and "v"
+    of shape [batch, n_heads, context_length, head_dim] each."""
+    shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 

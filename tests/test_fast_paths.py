@@ -1,7 +1,8 @@
 """The model's speed paths compute what the plain paths compute (values, not timings).
 
 bf16 mixed precision against float32, the fused QKV matmul against three projections,
-jax.nn.dot_product_attention against causal_attention (KV-cache masking included), and
+jax.nn.dot_product_attention against causal_attention, the heads-major KV cache against the plain
+layout, and
 rematerialised blocks against stored activations (gradients too).
 """
 
@@ -115,13 +116,20 @@ def test_dot_product_attention_equals_plain_self_attention():
 
 
 @pytest.mark.parametrize("q_offset", [0, 5, 28])
-def test_dot_product_attention_equals_plain_with_cache_offset(q_offset):
+def test_heads_major_cache_attention_equals_sequence_major(q_offset):
     # queries at positions q_offset.. over a 32-slot cache: keys past each query's position are masked
     q, k, v = qkv(1, 4, 32)
     want = causal_attention(q, k, v, q_offset=q_offset)
-    np.testing.assert_allclose(fused_causal_attention(q, k, v, q_offset=q_offset), want, atol=1e-5)
-    traced = jax.jit(lambda off: fused_causal_attention(q, k, v, q_offset=off))(jnp.int32(q_offset))
-    np.testing.assert_allclose(traced, want, atol=1e-5)
+    k_hm, v_hm = k.swapaxes(1, 2), v.swapaxes(1, 2)
+    np.testing.assert_allclose(causal_attention(q, k_hm, v_hm, q_offset=q_offset, kv_heads_major=True), want,
+                               atol=1e-6)
+    traced = jax.jit(lambda off: causal_attention(q, k_hm, v_hm, q_offset=off, kv_heads_major=True))(
+        jnp.int32(q_offset))
+    np.testing.assert_allclose(traced, want, atol=1e-6)
+    # a query at position p sees exactly keys 0..p: changing key p + 1 changes nothing
+    if q_offset + 4 < 32:
+        changed = causal_attention(q, k.at[:, q_offset + 4].set(9.0), v, q_offset=q_offset)
+        np.testing.assert_array_equal(changed, want)
 
 
 def test_dot_product_attention_bf16_close_to_plain():
