@@ -13,9 +13,10 @@ in float32, to within float rounding): ``dtype=jnp.bfloat16`` runs the matmuls i
 parameters, residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True``
 recomputes each block's activations in the backward pass instead of storing them. Always on, as they
 change nothing beyond rounding: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in
-bf16) for self-attention that no dropout touches, a heads-major KV cache, one fused matmul for the query, key and
-value projections off CPU, and on CPU a LayerNorm mean that keeps XLA from recomputing the residual
-stream. benchmarks/NOTES.md has the measurements behind each choice.
+bf16) for self-attention that no dropout touches and a heads-major KV cache; off CPU, one fused matmul
+for the query, key and value projections and the vocabulary padded to a multiple of 64 in the logits
+matmul; on CPU, a LayerNorm mean that keeps XLA from recomputing the residual stream.
+benchmarks/NOTES.md has the measurements behind each choice.
 """
 
 from __future__ import annotations
@@ -293,8 +294,25 @@ class GPTModel(nnx.Module):
             else:
                 x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
             new_cache.append(layer_cache)
-        logits = self.out_head(self.final_norm(x))
+        logits = self.logits(self.final_norm(x))
         return logits if cache is None else (logits, new_cache)
+
+    def logits(self, x: jax.Array, *, pad_vocab: bool | None = None) -> jax.Array:
+        """``out_head(x)``: float32 logits over the vocabulary.
+
+        ``pad_vocab``: multiply by the kernel padded with zero columns to a multiple of 64 (50257 ->
+        50304) and slice the logits back, so the widest matmul of the model has GPU-friendly tiles; the
+        parameter keeps the book's 50257 columns. On CPU the pad and the slice cost more than they save
+        (benchmarks/NOTES.md), so the default (None) pads everywhere except on CPU. Both ways compute
+        the same values.
+        """
+        if not (jax.default_backend() != "cpu" if pad_vocab is None else pad_vocab):
+            return self.out_head(x)
+        kernel = self.out_head.kernel[...]
+        vocab = kernel.shape[1]
+        kernel = jnp.pad(kernel, ((0, 0), (0, -vocab % 64)))
+        x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=self.out_head.dtype)
+        return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)[..., :vocab]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """The model's speed paths compute what the plain paths compute (values, not timings).
 
-bf16 mixed precision against float32, the fused QKV matmul against three projections,
-jax.nn.dot_product_attention against causal_attention, the heads-major KV cache against the plain
-layout, and
-rematerialised blocks against stored activations (gradients too).
+bf16 mixed precision against float32, the fused QKV matmul against three projections, the padded
+vocabulary against the book's, jax.nn.dot_product_attention against causal_attention, the heads-major
+KV cache against the plain layout, and rematerialised blocks against stored activations (gradients too).
 """
 
 import re
@@ -98,6 +97,29 @@ def test_fused_qkv_equals_three_projections(qkv_bias):
     att = g_fused["trf_blocks"][0]["att"]
     assert set(att) == {"W_query", "W_key", "W_value", "out_proj"}
     assert float(jnp.abs(att["W_key"]["kernel"]).max()) > 0
+
+
+# --- padded vocabulary ----------------------------------------------------------------------------
+
+
+def test_padded_vocabulary_equals_unpadded():
+    cfg = CFG.replace(vocab_size=250)  # pads to 256
+    params = gptjax.init_params(cfg, seed=3)
+    x = jax.random.normal(jax.random.key(4), (2, 5, cfg.emb_dim))
+
+    def logits(params, pad):
+        return model_from_params(params, cfg).logits(x, pad_vocab=pad)
+
+    padded, plain = logits(params, True), logits(params, False)
+    assert padded.shape == plain.shape == (2, 5, 250) and padded.dtype == jnp.float32
+    np.testing.assert_allclose(padded, plain, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda p: logits(p, True))(params))
+    assert "f32[2,5,256] = dot_general" in jaxpr  # the matmul really ran 256 wide
+    # and the gradient reaches the book's [emb_dim, 250] kernel unchanged
+    grad = jax.grad(lambda p, pad: jnp.sum(jnp.sin(logits(p, pad))))
+    g_padded, g_plain = grad(params, True)["out_head"]["kernel"], grad(params, False)["out_head"]["kernel"]
+    assert g_padded.shape == (cfg.emb_dim, 250)
+    np.testing.assert_allclose(g_padded, g_plain, atol=1e-5)
 
 
 # --- dot_product_attention ------------------------------------------------------------------------
