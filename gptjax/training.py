@@ -7,6 +7,7 @@ around it in :func:`train_model_simple`, which follows the book's function of th
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -373,6 +374,18 @@ def step_batches(loader: Any, epoch: int, start: int, grad_accum: int = 1) -> It
     return _grouped(loader.batches(epoch, start=start), grad_accum)
 
 
+def prefetch_to_device(batches: Iterable[Batch], size: int = 2) -> Iterator[Batch]:
+    """``batches`` moved to the device ``size`` batches ahead of the consumer: the copies (asynchronous in
+    JAX) overlap the steps already dispatched instead of delaying the next one. Arrays already on a
+    device, such as a sharded loader's global batches, pass through as they are."""
+    queue: collections.deque[Batch] = collections.deque()
+    for batch in batches:
+        queue.append(_on_device(batch))
+        if len(queue) > size:
+            yield queue.popleft()
+    yield from queue
+
+
 def _grouped(batches: Iterable[Batch], grad_accum: int) -> Iterator[Batch]:
     if grad_accum == 1:
         yield from batches
@@ -461,7 +474,7 @@ def train_model_simple(
     try:
         while pos.step < last_step and pos.epoch < tcfg.epochs:
             epoch = pos.epoch
-            for batch in step_batches(train_loader, epoch, pos.batch, tcfg.grad_accum):
+            for batch in prefetch_to_device(step_batches(train_loader, epoch, pos.batch, tcfg.grad_accum)):
                 step = pos.step
                 params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
                 report_pending()  # the previous step's metrics: finished by now, or nearly

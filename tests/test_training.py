@@ -27,6 +27,7 @@ from gptjax.training import (
     make_optimizer,
     make_train_step,
     perplexity,
+    prefetch_to_device,
     train_model_simple,
 )
 from tests.torch_reference import GPTModel as TorchGPTModel
@@ -188,6 +189,21 @@ def test_global_norm_equals_optax_norm(params):
 def test_train_config_rejects_an_unknown_dtype():
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
         TrainConfig(dtype="float16")
+
+
+def test_prefetch_to_device_keeps_order_and_runs_ahead():
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield np.full((2, 3), i), np.full((2, 3), -i)
+
+    it = prefetch_to_device(source(), size=2)
+    x, y = next(it)
+    assert isinstance(x, jax.Array) and int(x[0, 0]) == 0 and int(y[0, 0]) == 0
+    assert pulled == [0, 1, 2]  # two batches already on their way to the device
+    assert [int(x[0, 0]) for x, _ in it] == [1, 2, 3, 4]
 
 
 def test_dropout_key_changes_the_step(params):
