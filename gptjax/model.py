@@ -15,7 +15,8 @@ recomputes each block's activations in the backward pass instead of storing them
 change nothing beyond rounding: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in
 bf16) for self-attention that no dropout touches and a heads-major KV cache; off CPU, one fused matmul
 for the query, key and value projections and the vocabulary padded to a multiple of 64 in the logits
-matmul; on CPU, a LayerNorm mean that keeps XLA from recomputing the residual stream.
+matmul; on CPU, a LayerNorm mean and a backward-pass barrier at each block that keep XLA from
+recomputing the residual stream and its gradient.
 benchmarks/NOTES.md has the measurements behind each choice.
 """
 
@@ -218,6 +219,30 @@ class MultiHeadAttention(nnx.Module):
         return self.out_proj(context.reshape(b, t, -1)), cache
 
 
+@jax.custom_vjp
+def _materialize_cotangent(x: jax.Array) -> jax.Array:
+    """The identity; in the backward pass, the gradient flowing back into a block is written to memory.
+
+    At long sequences (T=1024) XLA:CPU otherwise fuses the residual stream's whole gradient chain (the
+    LayerNorm backward terms of every later block) into each block's weight-gradient operands and
+    recomputes it there: 10.0 s instead of 7.3 s for a gpt2-small step (benchmarks/NOTES.md). A
+    conditional is one thing its fusion passes cannot see through. Its other branch is taken only when
+    the gradient is already not finite, and makes all of it NaN, which stops training just the same."""
+    return x
+
+
+def _materialize_cotangent_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _materialize_cotangent_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    first = g[(0,) * g.ndim]
+    return (jax.lax.cond(jnp.isfinite(first), lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
+
+
+_materialize_cotangent.defvjp(_materialize_cotangent_fwd, _materialize_cotangent_bwd)
+
+
 class TransformerBlock(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.att = MultiHeadAttention(
@@ -237,6 +262,8 @@ class TransformerBlock(nnx.Module):
         pos: int | jax.Array = 0,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
+        if jax.default_backend() == "cpu":  # GPU/TPU compilers do not recompute like this
+            x = _materialize_cotangent(x)
         shortcut = x
         x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos)
         # The residual stream stays float32: with bf16 compute, the branch output is promoted here.

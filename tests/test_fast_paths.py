@@ -2,7 +2,8 @@
 
 bf16 mixed precision against float32, the fused QKV matmul against three projections, the padded
 vocabulary against the book's, jax.nn.dot_product_attention against causal_attention, the heads-major
-KV cache against the plain layout, and rematerialised blocks against stored activations (gradients too).
+KV cache against the plain layout, the CPU's backward barrier against none, and rematerialised blocks
+against stored activations (gradients too).
 """
 
 import re
@@ -202,6 +203,24 @@ def test_accelerator_code_path_matches_the_cpu_path(params, ids, monkeypatch, dt
     gpu = run()
     atol = 1e-4 if dtype == jnp.float32 else BF16_LOGITS_RTOL * float(jnp.abs(cpu).max())
     np.testing.assert_allclose(gpu, cpu, atol=atol)
+
+
+def test_accelerator_code_path_has_the_cpu_paths_gradients(params, ids, monkeypatch):
+    """The gradients too: fused QKV, padded vocabulary and no backward barrier (GPU) against the CPU path."""
+    grad = lambda: jax.jit(jax.grad(loss_fn))(params, ids)  # noqa: E731
+    cpu = grad()
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert global_rel_error(cpu, grad()) < 1e-5
+
+
+def test_backward_barrier_passes_finite_gradients_unchanged():
+    from gptjax.model import _materialize_cotangent
+
+    x = jnp.arange(6.0).reshape(1, 2, 3)
+    f = lambda x, w: jnp.sum(_materialize_cotangent(x) * w)  # noqa: E731
+    np.testing.assert_array_equal(jax.grad(f)(x, x + 1.0), x + 1.0)
+    assert "cond" in str(jax.make_jaxpr(jax.grad(f))(x, x))  # the barrier XLA cannot fuse through
+    assert np.isnan(np.asarray(jax.grad(f)(x, x.at[0, 0, 0].set(jnp.inf)))).all()  # non-finite stays non-finite
 
 
 # --- rematerialisation ----------------------------------------------------------------------------
