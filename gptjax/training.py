@@ -179,7 +179,21 @@ def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransfo
     )
     if tcfg.grad_clip is None:
         return adamw
-    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw)
+    return optax.chain(clip_by_global_norm(tcfg.grad_clip), adamw)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (same rule, same empty state) with the norm of :func:`global_norm`:
+    optax's own norm costs 1.8 s of a 4.1 s GPT_CONFIG_124M step on XLA:CPU."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = global_norm(updates)
+        clipped = jax.tree_util.tree_map(
+            lambda g: jnp.where(norm < max_norm, g, (g / norm.astype(g.dtype)) * max_norm), updates)
+        return clipped, state
+
+    return optax.GradientTransformation(optax.clip_by_global_norm(max_norm).init, update)
 
 
 # ---------------------------------------------------------------------------------------------

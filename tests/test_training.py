@@ -20,6 +20,7 @@ from gptjax.training import (
     TrainHooks,
     calc_loss_batch,
     calc_loss_loader,
+    clip_by_global_norm,
     decay_mask,
     global_norm,
     init_opt_state,
@@ -184,6 +185,16 @@ def test_global_norm_equals_optax_norm(params):
     tree = jax.tree_util.tree_map(lambda p: p * 3.0 + 0.5, params)  # matrices, vectors, the [in, vocab] head
     assert float(global_norm(tree)) == pytest.approx(float(optax.tree.norm(tree)), rel=1e-6)
     assert float(global_norm({"a": jnp.array([3.0]), "b": jnp.array([[4.0]])})) == 5.0
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])  # clipping, and not
+def test_clip_by_global_norm_equals_optax(params, max_norm):
+    grads = jax.tree_util.tree_map(lambda p: p * 0.01, params)
+    ours, ours_state = clip_by_global_norm(max_norm).update(grads, clip_by_global_norm(max_norm).init(params))
+    want, want_state = optax.clip_by_global_norm(max_norm).update(grads, optax.clip_by_global_norm(max_norm).init(params))
+    assert jax.tree_util.tree_structure(ours_state) == jax.tree_util.tree_structure(want_state)  # checkpoints unchanged
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
 
 
 def test_train_config_rejects_an_unknown_dtype():
