@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -488,7 +489,10 @@ def train_model_simple(
     try:
         while pos.step < last_step and pos.epoch < tcfg.epochs:
             epoch = pos.epoch
-            for batch in prefetch_to_device(step_batches(train_loader, epoch, pos.batch, tcfg.grad_accum)):
+            # No further than the last step: prefetching must not read batches the run will not use.
+            batches = itertools.islice(step_batches(train_loader, epoch, pos.batch, tcfg.grad_accum),
+                                       last_step - pos.step)
+            for batch in prefetch_to_device(batches):
                 step = pos.step
                 params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
                 report_pending()  # the previous step's metrics: finished by now, or nearly
