@@ -24,8 +24,8 @@ import jax
 from jax.sharding import Mesh
 
 from gptjax import sharding
-from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from gptjax.atomic import atomic_file
+from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
 from gptjax.model import Params, abstract_params, init_params, param_count
 from gptjax.plot import plot_run

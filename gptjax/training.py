@@ -215,9 +215,10 @@ def make_train_step(
     ``batch`` is ``(inputs, targets)`` of shape [B, T], or [grad_accum, B, T] with accumulation: the
     micro-batches run one after another in a scan and their mean gradient makes one optimizer update.
     ``key`` is this step's dropout key. ``metrics`` holds the batch ``loss``, the gradient's global
-    norm and the ``lr`` used. ``dtype`` (``jnp.bfloat16``: mixed precision) and ``remat`` are the model's
-    compute options (:func:`gptjax.model.apply`). ``jit_kwargs`` (e.g. ``in_shardings``/``out_shardings`` for a mesh) go to
-    ``jax.jit`` on top of the donation of params and optimizer state, whose buffers the update reuses.
+    norm and the ``lr`` used. ``dtype`` (``jnp.bfloat16``: mixed precision) and ``remat`` are the
+    model's compute options (:func:`gptjax.model.apply`). ``jit_kwargs`` (e.g. ``in_shardings``/
+    ``out_shardings`` for a mesh) go to ``jax.jit`` on top of the donation of params and optimizer
+    state, whose buffers the update reuses.
     """
     grad_fn = jax.value_and_grad(
         lambda p, x, y, k: calc_loss_batch(p, cfg, x, y, train=True, rng=k, dtype=dtype, remat=remat)

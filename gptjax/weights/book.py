@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gptjax.atomic import atomic_file
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.atomic import atomic_file
 from gptjax.weights.mapping import (
     SIDECAR,
     Row,

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.atomic import atomic_dir
 from gptjax.weights.mapping import (
     Row,
     check_config,
