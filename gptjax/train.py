@@ -23,14 +23,13 @@ import jax
 
 from jax.sharding import Mesh
 
-from gptjax import sharding
+from gptjax import cli, sharding
 from gptjax.atomic import atomic_file
 from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
-from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
+from gptjax.config import GPTConfig
 from gptjax.model import Params, abstract_params, init_params, param_count
 from gptjax.plot import plot_run
 from gptjax.training import (
-    COMPUTE_DTYPES,
     NonFiniteLossError,
     OptState,
     Position,
@@ -44,8 +43,6 @@ from gptjax.training import (
     train_step_options,
 )
 
-DEFAULT_PRESET = "GPT_CONFIG_124M"
-MODEL_FLAGS = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
 DATA_FLAGS = ("corpus", "train_tokens", "val_tokens", "data_dir")
 DEVICE_FLAGS = ("mesh", "coordinator", "num_processes", "process_id", "distributed")
 # Settings that may change when resuming: they do not touch the arithmetic of training (a new mesh only
@@ -62,24 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "With no arguments: GPT_CONFIG_124M on the bundled the-verdict.txt, the book's settings.",
         argument_default=argparse.SUPPRESS,  # only flags given on the command line appear in the result
     )
-    m = p.add_argument_group("model")
-    presets = sorted(PRESETS) + sorted(ALIASES)
-    m.add_argument("--preset", metavar="NAME", help=f"model preset (default: {DEFAULT_PRESET}); one of: {', '.join(presets)}")
-    m.add_argument("--context-length", type=int, metavar="N", help="override the preset's context length (tokens per window)")
-    m.add_argument("--emb-dim", type=int, metavar="N", help="override the preset's embedding size")
-    m.add_argument("--n-layers", type=int, metavar="N", help="override the preset's number of transformer blocks")
-    m.add_argument("--n-heads", type=int, metavar="N", help="override the preset's number of attention heads")
-    m.add_argument("--drop-rate", type=float, metavar="X", help="override the dropout rate (also with --init-from)")
-    m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases in the query/key/value projections")
-    m.add_argument("--init-from", metavar="WEIGHTS", help="start from these weights (gptjax checkpoint or run, "
-                   "torch .pth, safetensors, Hugging Face or OpenAI folder); the model config comes from them")
+    cli.add_model_flags(p)
 
     g = p.add_argument_group("data")
     g.add_argument("--corpus", metavar="TXT", help="UTF-8 text to train on (default: the bundled the-verdict.txt)")
     g.add_argument("--train-tokens", metavar="BIN", help="uint16 token file for training (scripts/prepare_corpus.py)")
     g.add_argument("--val-tokens", metavar="BIN", help="uint16 token file for validation")
     g.add_argument("--data-dir", metavar="DIR", help="DIR/train.bin and DIR/val.bin from scripts/prepare_corpus.py")
-    g.add_argument("--batch-size", type=int, metavar="N", help=f"sequences per batch (default: {d.batch_size})")
+    cli.add_batch_flags(g)
     g.add_argument("--stride", type=int, metavar="N", help="step between window starts (default: the context length)")
     g.add_argument("--train-ratio", type=float, metavar="X", help=f"share of a text corpus used for training (default: {d.train_ratio})")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="keep the training batches in order (default: reshuffled every epoch)")
@@ -88,20 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, metavar="N", help=f"passes over the training data (default: {d.epochs})")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many optimizer steps (the lr schedule still "
                    "spans all epochs, so a stopped run resumes exactly)")
-    t.add_argument("--lr", type=float, metavar="X", help=f"peak AdamW learning rate (default: {d.lr})")
-    t.add_argument("--weight-decay", type=float, metavar="X", help=f"AdamW weight decay (default: {d.weight_decay})")
-    t.add_argument("--exclude-bias-norm-from-decay", action="store_true",
-                   help="no weight decay on biases and LayerNorm parameters (torch's AdamW decays all)")
-    t.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup from 0 over this many steps (default: 0)")
-    t.add_argument("--min-lr", type=float, metavar="X", help="cosine-decay the learning rate to this value (default: constant lr)")
-    t.add_argument("--grad-clip", type=float, metavar="X", help="clip gradients to this global norm (default: no clipping)")
-    t.add_argument("--grad-accum", type=int, metavar="N", help="batches per optimizer step (default: 1)")
-    t.add_argument("--dtype", choices=sorted(COMPUTE_DTYPES), help="matmul compute dtype: bfloat16 is mixed "
-                   "precision (float32 parameters, optimizer state, softmax, LayerNorm statistics and loss); "
-                   f"for GPUs and TPUs (default: {d.dtype})")
-    t.add_argument("--remat", action="store_true", help="recompute each block's activations in the backward pass: "
-                   "less memory for longer contexts or bigger batches, about a third more compute")
-    t.add_argument("--seed", type=int, metavar="N", help=f"seed for initialisation, shuffling and dropout (default: {d.seed})")
+    cli.add_step_flags(t)
 
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-freq", type=int, metavar="N", help=f"evaluate every this many steps (default: {d.eval_freq})")
@@ -119,10 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     v = p.add_argument_group("devices")
-    v.add_argument("--mesh", metavar="AXES", help="train on all devices as a mesh data=N,fsdp=M whose sizes multiply "
-                   "to the device count: batches split over both axes, parameters and optimizer state split over "
-                   "fsdp (replicated over data); the batch size must be a multiple of N*M (default: one device; "
-                   "in a multi-process run data=<all devices>)")
+    cli.add_mesh_flag(v)
     v.add_argument("--distributed", action="store_true", help="join a multi-host run whose settings jax detects "
                    "(Cloud TPU pod slices, SLURM, Open MPI): start the same command on every host")
     v.add_argument("--coordinator", metavar="HOST:PORT", help="join a multi-host run: process 0's address and a free "
@@ -281,13 +252,13 @@ class RunWriter(TrainHooks):
 
 def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params | None]:
     """The settings of a new run, and the --init-from weights (None: initialise from the seed)."""
-    tcfg = TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
-    overrides = {k: args[k] for k in MODEL_FLAGS if k in args}
+    tcfg = cli.train_config(args)
+    overrides = cli.model_overrides(args)
     if "init_from" in args:
         from gptjax.weights import load_weights
 
         explicit = "preset" in args or any(k != "drop_rate" for k in overrides)
-        base = get_config(args.get("preset", DEFAULT_PRESET), **overrides) if explicit else None
+        base = cli.model_config(args) if explicit else None
         params, cfg = load_weights(args["init_from"], cfg=base)
         for k, v in overrides.items():
             if k != "drop_rate" and getattr(cfg, k) != v:
@@ -296,7 +267,7 @@ def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params
         if "drop_rate" in overrides:
             cfg = cfg.replace(drop_rate=overrides["drop_rate"])
     else:
-        cfg = get_config(args.get("preset", DEFAULT_PRESET), **overrides)
+        cfg = cli.model_config(args)
         params = None
     tcfg = tcfg.replace(stride=tcfg.stride or cfg.context_length)
     if "out" in args:
