@@ -12,12 +12,8 @@ Speed options (``apply``/``apply_with_cache`` keywords; the defaults compute wha
 in float32, to within float rounding): ``dtype=jnp.bfloat16`` runs the matmuls in bfloat16 while the
 parameters, residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True``
 recomputes each block's activations in the backward pass instead of storing them. Always on, as they
-change nothing beyond rounding: ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU in
-bf16) for self-attention that no dropout touches and a heads-major KV cache; off CPU, one fused matmul
-for the query, key and value projections and the vocabulary padded to a multiple of 64 in the logits
-matmul; on CPU, a LayerNorm mean and a backward-pass barrier at each block that keep XLA from
-recomputing the residual stream and its gradient.
-benchmarks/NOTES.md has the measurements behind each choice.
+change nothing beyond rounding: a heads-major KV cache, and the per-platform choices of
+:mod:`gptjax.platform` (the ``platform.`` calls below), made for the platform a function is compiled for.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gptjax import platform
 from gptjax.config import GPTConfig
 
 Params = dict[str, Any]
@@ -65,14 +62,7 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in float32 whatever the compute dtype: they are where low precision hurts.
         x32 = x.astype(jnp.float32)
-        if jax.default_backend() == "cpu":
-            # The mean as a matrix-vector product: same value, but a matmul cannot absorb its
-            # operand, so XLA materialises the residual stream here. Left as a reduction, XLA:CPU
-            # fuses the residual chain (every earlier block's output and dropout mask) into each
-            # consumer and recomputes it there: O(n_layers^2) work, 30% of a 124M training step.
-            mean = x32 @ jnp.full((x32.shape[-1], 1), 1.0 / x32.shape[-1], jnp.float32)
-        else:
-            mean = x32.mean(axis=-1, keepdims=True)
+        mean = platform.layer_norm_mean(x32)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         norm_x = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (self.scale[...] * norm_x + self.shift[...]).astype(x.dtype)
@@ -132,22 +122,6 @@ def causal_attention(
     return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v)
 
 
-def fused_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal self-attention over a whole sequence (q, k, v: [batch, seq, heads, head_dim]) without
-    dropout, through ``jax.nn.dot_product_attention``.
-
-    In bf16/fp16 on a GPU it goes to cuDNN's flash attention, which never materialises the
-    [seq, seq] weights and skips the masked half; everywhere else XLA's implementation computes what
-    :func:`causal_attention` computes.
-    """
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        except (NotImplementedError, RuntimeError):  # no cuDNN, or a shape it does not support
-            pass
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-
-
 class MultiHeadAttention(nnx.Module):
     def __init__(
         self,
@@ -162,33 +136,11 @@ class MultiHeadAttention(nnx.Module):
     ):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.dtype = dtype
         self.W_query = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.W_key = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.W_value = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
         self.out_proj = _linear(d_out, d_out, use_bias=True, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
-
-    def project_qkv(self, x: jax.Array, *, fused: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries, keys and values [batch, seq, d_out] for ``x``.
-
-        ``fused``: one matmul against the three kernels side by side ([d_in, 3 * d_out]) instead of
-        three; the parameter tree keeps the book's three Linear layers (the concatenation happens
-        inside the jitted function and its gradient is split back into the three kernels). One
-        wide GEMM reads ``x`` once and fills a GPU better; on CPU the kernel concatenation and the
-        wider weight-gradient GEMM cost more than they save (benchmarks/NOTES.md), so the default
-        (None) fuses everywhere except on CPU. Both ways compute the same values.
-        """
-        layers = (self.W_query, self.W_key, self.W_value)
-        if not (jax.default_backend() != "cpu" if fused is None else fused):
-            return tuple(layer(x) for layer in layers)
-        kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
-        bias = jnp.concatenate([layer.bias[...] for layer in layers]) if self.W_query.use_bias else None
-        x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        qkv = x @ kernel
-        if bias is not None:
-            qkv = qkv + bias
-        return tuple(jnp.split(qkv, 3, axis=-1))
 
     def __call__(
         self,
@@ -199,7 +151,8 @@ class MultiHeadAttention(nnx.Module):
         pos: int | jax.Array = 0,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         b, t, _ = x.shape
-        q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in self.project_qkv(x))
+        qkv = platform.project_qkv(x, (self.W_query, self.W_key, self.W_value))
+        q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in qkv)
         if cache is not None:
             # Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
             # preallocated cache; the causal mask hides the slots not yet written. The cache is
@@ -215,32 +168,8 @@ class MultiHeadAttention(nnx.Module):
             dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
             context = causal_attention(q, k, v, dropout=dropout)
         else:
-            context = fused_causal_attention(q, k, v)
+            context = platform.self_attention(q, k, v)
         return self.out_proj(context.reshape(b, t, -1)), cache
-
-
-@jax.custom_vjp
-def _materialize_cotangent(x: jax.Array) -> jax.Array:
-    """The identity; in the backward pass, the gradient flowing back into a block is written to memory.
-
-    At long sequences (T=1024) XLA:CPU otherwise fuses the residual stream's whole gradient chain (the
-    LayerNorm backward terms of every later block) into each block's weight-gradient operands and
-    recomputes it there: 10.0 s instead of 7.3 s for a gpt2-small step (benchmarks/NOTES.md). A
-    conditional is one thing its fusion passes cannot see through. Its other branch is taken only when
-    the gradient is already not finite, and makes all of it NaN, which stops training just the same."""
-    return x
-
-
-def _materialize_cotangent_fwd(x: jax.Array) -> tuple[jax.Array, None]:
-    return x, None
-
-
-def _materialize_cotangent_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-    first = g[(0,) * g.ndim]
-    return (jax.lax.cond(jnp.isfinite(first), lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
-
-
-_materialize_cotangent.defvjp(_materialize_cotangent_fwd, _materialize_cotangent_bwd)
 
 
 class TransformerBlock(nnx.Module):
@@ -262,8 +191,7 @@ class TransformerBlock(nnx.Module):
         pos: int | jax.Array = 0,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
-        if jax.default_backend() == "cpu":  # GPU/TPU compilers do not recompute like this
-            x = _materialize_cotangent(x)
+        x = platform.block_input(x)
         shortcut = x
         x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos)
         # The residual stream stays float32: with bf16 compute, the branch output is promoted here.
@@ -321,25 +249,8 @@ class GPTModel(nnx.Module):
             else:
                 x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
             new_cache.append(layer_cache)
-        logits = self.logits(self.final_norm(x))
+        logits = platform.logits(self.out_head, self.final_norm(x))
         return logits if cache is None else (logits, new_cache)
-
-    def logits(self, x: jax.Array, *, pad_vocab: bool | None = None) -> jax.Array:
-        """``out_head(x)``: float32 logits over the vocabulary.
-
-        ``pad_vocab``: multiply by the kernel padded with zero columns to a multiple of 64 (50257 ->
-        50304) and slice the logits back, so the widest matmul of the model has GPU-friendly tiles; the
-        parameter keeps the book's 50257 columns. On CPU the pad and the slice cost more than they save
-        (benchmarks/NOTES.md), so the default (None) pads everywhere except on CPU. Both ways compute
-        the same values.
-        """
-        if not (jax.default_backend() != "cpu" if pad_vocab is None else pad_vocab):
-            return self.out_head(x)
-        kernel = self.out_head.kernel[...]
-        vocab = kernel.shape[1]
-        kernel = jnp.pad(kernel, ((0, 0), (0, -vocab % 64)))
-        x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=self.out_head.dtype)
-        return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)[..., :vocab]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,10 +318,18 @@ def apply(
     return model(token_ids, rngs=nnx.Rngs(dropout=rng) if train else None)
 
 
-def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty KV cache of context_length slots per layer, for :func:`apply_with_cache`: "k" and "v"
-    of shape [batch, n_heads, context_length, head_dim] each."""
-    shape = (batch_size, cfg.n_heads, cfg.context_length, cfg.head_dim)
+def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32, slots: int | None = None) -> KVCache:
+    """An empty KV cache for :func:`apply_with_cache`: "k" and "v" of shape
+    [batch, n_heads, slots, head_dim] per layer, ``slots`` defaulting to context_length.
+
+    Attention reads every slot of the cache it is given, so a cache only as long as the positions
+    written so far makes a step's cache traffic follow the filled length (:mod:`gptjax.sampling`
+    grows it in buckets); positions written must stay below ``slots``.
+    """
+    slots = cfg.context_length if slots is None else slots
+    if not 1 <= slots <= cfg.context_length:
+        raise ValueError(f"slots must be in [1, context_length={cfg.context_length}], got {slots}")
+    shape = (batch_size, cfg.n_heads, slots, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 

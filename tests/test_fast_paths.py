@@ -1,9 +1,8 @@
 """The model's speed paths compute what the plain paths compute (values, not timings).
 
-bf16 mixed precision against float32, the fused QKV matmul against three projections, the padded
-vocabulary against the book's, jax.nn.dot_product_attention against causal_attention, the heads-major
-KV cache against the plain layout, the CPU's backward barrier against none, and rematerialised blocks
-against stored activations (gradients too).
+bf16 mixed precision against float32, the heads-major KV cache against the plain layout, and
+rematerialised blocks against stored activations (gradients too). The per-platform choices of
+gptjax.platform are tested in test_platform.py.
 """
 
 import re
@@ -16,7 +15,7 @@ import pytest
 
 import gptjax
 from gptjax import GPTConfig
-from gptjax.model import causal_attention, fused_causal_attention, model_from_params
+from gptjax.model import causal_attention
 
 CFG = GPTConfig(vocab_size=257, context_length=32, emb_dim=48, n_layers=2, n_heads=4, drop_rate=0.1, qkv_bias=True)
 # bf16 keeps 8 bits of mantissa: logits of a random model stay within 1% of their float32 range.
@@ -75,55 +74,7 @@ def test_bad_dtype_is_a_clear_error(params, ids):
         gptjax.apply(params, CFG, ids, dtype=jnp.int32)
 
 
-# --- fused QKV ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_fused_qkv_equals_three_projections(qkv_bias):
-    cfg = CFG.replace(qkv_bias=qkv_bias)
-    params = gptjax.init_params(cfg, seed=1)
-    x = jax.random.normal(jax.random.key(2), (2, 7, cfg.emb_dim))
-
-    def project(params, fused):
-        return model_from_params(params, cfg).trf_blocks[0].att.project_qkv(x, fused=fused)
-
-    fused, plain = project(params, True), project(params, False)
-    for a, b in zip(fused, plain):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    # and its gradient reaches the book's three kernels (and biases) unchanged
-    grad = jax.grad(lambda p, f: sum(jnp.sum(jnp.sin(y)) for y in project(p, f)))
-    g_fused, g_plain = grad(params, True), grad(params, False)
-    for a, b in zip(jax.tree_util.tree_leaves(g_fused), jax.tree_util.tree_leaves(g_plain)):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
-    att = g_fused["trf_blocks"][0]["att"]
-    assert set(att) == {"W_query", "W_key", "W_value", "out_proj"}
-    assert float(jnp.abs(att["W_key"]["kernel"]).max()) > 0
-
-
-# --- padded vocabulary ----------------------------------------------------------------------------
-
-
-def test_padded_vocabulary_equals_unpadded():
-    cfg = CFG.replace(vocab_size=250)  # pads to 256
-    params = gptjax.init_params(cfg, seed=3)
-    x = jax.random.normal(jax.random.key(4), (2, 5, cfg.emb_dim))
-
-    def logits(params, pad):
-        return model_from_params(params, cfg).logits(x, pad_vocab=pad)
-
-    padded, plain = logits(params, True), logits(params, False)
-    assert padded.shape == plain.shape == (2, 5, 250) and padded.dtype == jnp.float32
-    np.testing.assert_allclose(padded, plain, atol=1e-5)
-    jaxpr = str(jax.make_jaxpr(lambda p: logits(p, True))(params))
-    assert "f32[2,5,256] = dot_general" in jaxpr  # the matmul really ran 256 wide
-    # and the gradient reaches the book's [emb_dim, 250] kernel unchanged
-    grad = jax.grad(lambda p, pad: jnp.sum(jnp.sin(logits(p, pad))))
-    g_padded, g_plain = grad(params, True)["out_head"]["kernel"], grad(params, False)["out_head"]["kernel"]
-    assert g_padded.shape == (cfg.emb_dim, 250)
-    np.testing.assert_allclose(g_padded, g_plain, atol=1e-5)
-
-
-# --- dot_product_attention ------------------------------------------------------------------------
+# --- KV cache ------------------------------------------------------------------------------------
 
 
 def qkv(seed, q_len, kv_len, dtype=jnp.float32, heads=4, head_dim=16):
@@ -131,11 +82,6 @@ def qkv(seed, q_len, kv_len, dtype=jnp.float32, heads=4, head_dim=16):
     shape = lambda n: (2, n, heads, head_dim)  # noqa: E731
     return (jax.random.normal(k1, shape(q_len), dtype), jax.random.normal(k2, shape(kv_len), dtype),
             jax.random.normal(k3, shape(kv_len), dtype))
-
-
-def test_dot_product_attention_equals_plain_self_attention():
-    q, k, v = qkv(0, 32, 32)
-    np.testing.assert_allclose(fused_causal_attention(q, k, v), causal_attention(q, k, v), atol=1e-5)
 
 
 @pytest.mark.parametrize("q_offset", [0, 5, 28])
@@ -153,14 +99,6 @@ def test_heads_major_cache_attention_equals_sequence_major(q_offset):
     if q_offset + 4 < 32:
         changed = causal_attention(q, k.at[:, q_offset + 4].set(9.0), v, q_offset=q_offset)
         np.testing.assert_array_equal(changed, want)
-
-
-def test_dot_product_attention_bf16_close_to_plain():
-    q, k, v = qkv(2, 32, 32, dtype=jnp.bfloat16)
-    got = fused_causal_attention(q, k, v)
-    assert got.dtype == jnp.bfloat16
-    want = causal_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
 
 
 def test_cache_slots_past_the_position_are_ignored(params, ids):
@@ -191,36 +129,6 @@ def test_dropout_free_training_takes_the_fused_path_and_matches_eval(params, ids
     cfg = CFG.replace(drop_rate=0.0)
     train = gptjax.apply(params, cfg, ids, train=True, rng=jax.random.key(0))
     np.testing.assert_array_equal(train, gptjax.apply(params, cfg, ids))
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_accelerator_code_path_matches_the_cpu_path(params, ids, monkeypatch, dtype):
-    """Traced as if on a GPU (fused QKV, LayerNorm mean as a reduction, cuDNN attention tried and, with
-    no cuDNN here, XLA's taken instead), the model computes what the CPU path computes."""
-    run = lambda: jax.jit(lambda p: model_from_params(p, CFG, dtype=dtype)(ids))(params)  # noqa: E731
-    cpu = run()
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    gpu = run()
-    atol = 1e-4 if dtype == jnp.float32 else BF16_LOGITS_RTOL * float(jnp.abs(cpu).max())
-    np.testing.assert_allclose(gpu, cpu, atol=atol)
-
-
-def test_accelerator_code_path_has_the_cpu_paths_gradients(params, ids, monkeypatch):
-    """The gradients too: fused QKV, padded vocabulary and no backward barrier (GPU) against the CPU path."""
-    grad = lambda: jax.jit(jax.grad(loss_fn))(params, ids)  # noqa: E731
-    cpu = grad()
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert global_rel_error(cpu, grad()) < 1e-5
-
-
-def test_backward_barrier_passes_finite_gradients_unchanged():
-    from gptjax.model import _materialize_cotangent
-
-    x = jnp.arange(6.0).reshape(1, 2, 3)
-    f = lambda x, w: jnp.sum(_materialize_cotangent(x) * w)  # noqa: E731
-    np.testing.assert_array_equal(jax.grad(f)(x, x + 1.0), x + 1.0)
-    assert "cond" in str(jax.make_jaxpr(jax.grad(f))(x, x))  # the barrier XLA cannot fuse through
-    assert np.isnan(np.asarray(jax.grad(f)(x, x.at[0, 0, 0].set(jnp.inf)))).all()  # non-finite stays non-finite
 
 
 # --- rematerialisation ----------------------------------------------------------------------------

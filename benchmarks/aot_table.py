@@ -1,0 +1,67 @@
+"""Size the real train step on accelerators with ``python -m gptjax.aot``: one compile per case, each in
+its own process, results appended to a JSON file (cases already there are skipped, so an interrupted run
+continues). The README's accelerator table comes from ``benchmarks/results/aot.json``.
+
+    python benchmarks/aot_table.py                   # every case below
+    python benchmarks/aot_table.py --only xl         # cases whose name contains "xl"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "aot.json"
+
+# name -> python -m gptjax.aot flags; all at GPT-2's context of 1024.
+CASES = {
+    "small-v5e-2x2-bf16-b8": "--target tpu-v5e:2x2 --preset gpt2-small --batch-size 8 --mesh fsdp=4 --dtype bfloat16",
+    "small-h200x4-bf16-b8": "--target gpu-h200:4 --preset gpt2-small --batch-size 8 --mesh fsdp=4 --dtype bfloat16",
+    "xl-v5e-2x4-fsdp-bf16-b8-remat": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 8 --mesh fsdp=8 --dtype bfloat16 --remat",
+    "xl-h100-bf16-b8": "--target gpu-h100:1 --preset gpt2-xl --batch-size 8 --dtype bfloat16",
+    "small-h100-bf16-b8": "--target gpu-h100:1 --preset gpt2-small --batch-size 8 --dtype bfloat16",
+    "medium-h100-bf16-b8": "--target gpu-h100:1 --preset gpt2-medium --batch-size 8 --dtype bfloat16",
+    "large-h100-bf16-b8": "--target gpu-h100:1 --preset gpt2-large --batch-size 8 --dtype bfloat16",
+    "small-h100-f32-b8": "--target gpu-h100:1 --preset gpt2-small --batch-size 8",
+    "xl-h100-bf16-b8-remat": "--target gpu-h100:1 --preset gpt2-xl --batch-size 8 --dtype bfloat16 --remat",
+    "xl-h200-f32-b8": "--target gpu-h200:1 --preset gpt2-xl --batch-size 8",
+    "xl-v5e-2x4-fsdp-bf16-b16-remat": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
+    "xl-v5e-2x4-fsdp-bf16-b8": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 8 --mesh fsdp=8 --dtype bfloat16",
+    "xl-h100x8-fsdp-bf16-b64": "--target gpu-h100:8 --preset gpt2-xl --batch-size 64 --mesh fsdp=8 --dtype bfloat16",
+    "small-v5e-2x2-f32-b8": "--target tpu-v5e:2x2 --preset gpt2-small --batch-size 8 --mesh fsdp=4",
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default="", help="run only the cases whose name contains this (default: all)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file of results (default: {RESULTS})")
+    args = p.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for name, flags in CASES.items():
+        if args.only not in name or name in results:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp) / "r.json"
+            proc = subprocess.run([sys.executable, "-m", "gptjax.aot", *flags.split(), "--json", str(report)],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            results[name] = {"flags": flags, **json.loads(report.read_text())}
+        r = results[name]
+        print(f"{name}: peak {r['per_device_bytes']['peak'] / 2**30:.2f} GiB of "
+              f"{(r['usable_memory_bytes'] or 0) / 2**30:.2f}, fits {r['fits']}, compile {r['compile_s']} s", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp_out = args.out.with_suffix(".tmp")
+        tmp_out.write_text(json.dumps(results, indent=1) + "\n")
+        tmp_out.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

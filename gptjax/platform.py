@@ -1,0 +1,203 @@
+"""What each platform gets, and why: the one place where gptjax computes differently on CPU, GPU and TPU.
+
+Every choice here computes the same values (to float rounding) on every platform; only the program XLA
+is given differs. Each is made for the platform a function is *lowered* for, through
+``jax.lax.platform_dependent``: both variants are traced, and lowering keeps only the one for the
+target. So a train step compiled ahead of time for a TPU or GPU on a CPU-only machine
+(``python -m gptjax.aot``) is the accelerator program, and one jitted function lowered for two
+platforms gets each its own, whatever ``jax.default_backend()`` says.
+
+=====================  =====================  ========================  ==================================
+operation              CPU                    GPU                       TPU
+=====================  =====================  ========================  ==================================
+LayerNorm mean         matrix-vector product  reduction                 reduction
+q, k, v projections    three matmuls          one [d, 3d] matmul        one [d, 3d] matmul
+logits matmul          50257 columns          padded to 50304           padded to 50304
+block input, backward  barrier (conditional)  plain                     plain
+gradient norm          matrix-vector products reductions                reductions
+attention, no dropout  XLA                    cuDNN flash (bf16/fp16)   XLA
+=====================  =====================  ========================  ==================================
+
+Why (benchmarks/NOTES.md has the measurements):
+
+- LayerNorm mean: left as a reduction, XLA:CPU fuses the residual chain (every earlier block's output
+  and dropout mask) into each consumer and recomputes it there, O(n_layers^2) work, 30% of a 124M
+  step. A matmul cannot absorb its operand, so the residual stream is materialised. GPU and TPU
+  compilers do not recompute like this, and a reduction is cheaper there.
+- Fused QKV: one wide GEMM reads ``x`` once and fills a GPU or TPU better; on CPU the kernel
+  concatenation and the wider weight-gradient GEMM cost more than they save. The parameter tree keeps
+  the book's three Linear layers either way (the concatenation happens inside the jitted function).
+- Padded vocabulary: a multiple of 64 gives the widest matmul of the model tile-friendly shapes on
+  GPU and TPU; on CPU the pad and the slice cost more than they save.
+- Backward barrier: at long sequences XLA:CPU fuses the residual stream's whole gradient chain into
+  each block's weight-gradient operands and recomputes it (gpt2-small, T=1024: 10.0 s instead of
+  7.3 s a step). A conditional is one thing its fusion passes cannot see through.
+- Gradient norm: on XLA:CPU a plain reduction over the output head's [768, 50257] gradient becomes a
+  YNNPACK reduce that, run beside the rest of the backward pass, stalls a core: 0.9 s of a 3.2 s
+  GPT_CONFIG_124M step. The matvec is an ordinary GEMV there (HIGHEST keeps it float32).
+- cuDNN attention: flash attention that never materialises the [seq, seq] weights and skips the
+  masked half; only in bf16/fp16, and only where cuDNN can be found when the function is traced
+  (:func:`cudnn_attention_unavailable` says why not).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Linear = nnx.Linear
+VOCAB_MULTIPLE = 64
+
+
+def _cpu_or_accelerator(*args, cpu: Callable, accelerator: Callable):
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=accelerator)
+
+
+# --- LayerNorm mean --------------------------------------------------------------------------------
+
+
+def mean_by_matvec(x: jax.Array) -> jax.Array:
+    return x @ jnp.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
+
+
+def mean_by_reduction(x: jax.Array) -> jax.Array:
+    return x.mean(axis=-1, keepdims=True)
+
+
+def layer_norm_mean(x: jax.Array) -> jax.Array:
+    """The mean over the last axis, keepdims."""
+    return _cpu_or_accelerator(x, cpu=mean_by_matvec, accelerator=mean_by_reduction)
+
+
+# --- q, k, v projections ---------------------------------------------------------------------------
+
+
+def separate_qkv(x: jax.Array, layers: tuple[Linear, Linear, Linear]) -> tuple[jax.Array, ...]:
+    return tuple(layer(x) for layer in layers)
+
+
+def fused_qkv(x: jax.Array, layers: tuple[Linear, Linear, Linear]) -> tuple[jax.Array, ...]:
+    """The three projections as one matmul against the kernels side by side; its gradient is split back
+    into the three kernels by the concatenation's transpose."""
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    bias = jnp.concatenate([layer.bias[...] for layer in layers]) if layers[0].use_bias else None
+    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=layers[0].dtype)
+    qkv = x @ kernel
+    if bias is not None:
+        qkv = qkv + bias
+    return tuple(jnp.split(qkv, 3, axis=-1))
+
+
+def project_qkv(x: jax.Array, layers: tuple[Linear, Linear, Linear]) -> tuple[jax.Array, ...]:
+    """``W_query(x), W_key(x), W_value(x)``."""
+    return _cpu_or_accelerator(x, cpu=lambda x: separate_qkv(x, layers), accelerator=lambda x: fused_qkv(x, layers))
+
+
+# --- logits ----------------------------------------------------------------------------------------
+
+
+def plain_logits(out_head: Linear, x: jax.Array) -> jax.Array:
+    return out_head(x)
+
+
+def padded_logits(out_head: Linear, x: jax.Array) -> jax.Array:
+    """``out_head(x)`` through the kernel padded with zero columns to a multiple of 64 (50257 -> 50304),
+    the logits sliced back: the parameter keeps the book's columns."""
+    kernel = out_head.kernel[...]
+    vocab = kernel.shape[1]
+    kernel = jnp.pad(kernel, ((0, 0), (0, -vocab % VOCAB_MULTIPLE)))
+    x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=out_head.dtype)
+    return jnp.matmul(x, kernel, preferred_element_type=jnp.float32)[..., :vocab]
+
+
+def logits(out_head: Linear, x: jax.Array) -> jax.Array:
+    """``out_head(x)``: float32 logits over the vocabulary (the layer accumulates in float32)."""
+    return _cpu_or_accelerator(x, cpu=lambda x: plain_logits(out_head, x),
+                               accelerator=lambda x: padded_logits(out_head, x))
+
+
+# --- the backward-pass barrier at each block's input -----------------------------------------------
+
+
+@jax.custom_vjp
+def backward_barrier(x: jax.Array) -> jax.Array:
+    """The identity; in the backward pass, the gradient flowing back into a block is written to memory
+    by a conditional. Its other branch is taken only when the gradient is already not finite, and makes
+    all of it NaN, which stops training just the same."""
+    return x
+
+
+def _barrier_fwd(x: jax.Array) -> tuple[jax.Array, None]:
+    return x, None
+
+
+def _barrier_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
+    first = g[(0,) * g.ndim]
+    return (jax.lax.cond(jnp.isfinite(first), lambda g: g, lambda g: jnp.full_like(g, jnp.nan), g),)
+
+
+backward_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
+def block_input(x: jax.Array) -> jax.Array:
+    """A transformer block's input: the identity, with the CPU's backward barrier."""
+    return _cpu_or_accelerator(x, cpu=backward_barrier, accelerator=lambda x: x)
+
+
+# --- a gradient's sum of squares (its global norm) -------------------------------------------------
+
+
+def sum_of_squares_by_matvec(x: jax.Array) -> jax.Array:
+    x = jnp.square(x.astype(jnp.float32))
+    if x.ndim < 2:
+        return jnp.sum(x)
+    ones = jnp.ones((x.shape[-1],), jnp.float32)
+    return jnp.sum(jnp.matmul(x.reshape(-1, x.shape[-1]), ones, precision=jax.lax.Precision.HIGHEST))
+
+
+def sum_of_squares_by_reduction(x: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+
+def sum_of_squares(x: jax.Array) -> jax.Array:
+    """``sum(x ** 2)`` in float32."""
+    return _cpu_or_accelerator(x, cpu=sum_of_squares_by_matvec, accelerator=sum_of_squares_by_reduction)
+
+
+# --- self-attention over a whole sequence, no dropout ----------------------------------------------
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def cudnn_attention_unavailable(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+    """Why cuDNN's flash attention cannot be traced for these inputs here (None: it can)."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs bfloat16 or float16 inputs, not {q.dtype}"
+    try:
+        jax.eval_shape(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+                       q, k, v)
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # no cuDNN, or a shape it does not support
+        return f"cuDNN flash attention unavailable: {' '.join(str(e).split())[:200]}"
+    return None
+
+
+def cuda_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    if cudnn_attention_unavailable(q, k, v) is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return xla_attention(q, k, v)
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(head_dim)) v over a whole sequence, q, k, v: [batch, seq, heads,
+    head_dim]: what :func:`gptjax.model.causal_attention` computes without dropout."""
+    return jax.lax.platform_dependent(q, k, v, cuda=cuda_attention, default=xla_attention)
+
+
+__all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "self_attention",
+           "backward_barrier",
+           "cudnn_attention_unavailable", "VOCAB_MULTIPLE"]

@@ -1,0 +1,112 @@
+"""gptjax.platform: each platform's variant computes what the others compute (values and gradients),
+and each compiled program holds its own platform's variants, whatever jax.default_backend() says."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gptjax
+from gptjax import GPTConfig, platform
+from gptjax.model import causal_attention, model_from_params
+from gptjax.training import global_norm
+
+CFG = GPTConfig(vocab_size=250, context_length=32, emb_dim=48, n_layers=2, n_heads=4, drop_rate=0.0, qkv_bias=True)
+
+
+def close_trees(a, b, tol=1e-5):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_qkv_equals_three_projections(qkv_bias):
+    cfg = CFG.replace(qkv_bias=qkv_bias)
+    params = gptjax.init_params(cfg, seed=1)
+    x = jax.random.normal(jax.random.key(2), (2, 7, cfg.emb_dim))
+
+    def project(params, variant):
+        att = model_from_params(params, cfg).trf_blocks[0].att
+        return variant(x, (att.W_query, att.W_key, att.W_value))
+
+    close_trees(project(params, platform.fused_qkv), project(params, platform.separate_qkv))
+    # its gradient reaches the book's three kernels (and biases) unchanged
+    grad = jax.grad(lambda p, v: sum(jnp.sum(jnp.sin(y)) for y in project(p, v)))
+    g_fused = grad(params, platform.fused_qkv)
+    close_trees(g_fused, grad(params, platform.separate_qkv))
+    att = g_fused["trf_blocks"][0]["att"]
+    assert set(att) == {"W_query", "W_key", "W_value", "out_proj"}
+    assert float(jnp.abs(att["W_key"]["kernel"]).max()) > 0
+    jaxpr = str(jax.make_jaxpr(lambda p: project(p, platform.fused_qkv))(params))
+    assert f"f32[2,7,{3 * cfg.emb_dim}] = dot_general" in jaxpr  # one matmul, three projections wide
+
+
+def test_padded_vocabulary_equals_unpadded():
+    params = gptjax.init_params(CFG, seed=3)  # vocab 250 pads to 256
+    x = jax.random.normal(jax.random.key(4), (2, 5, CFG.emb_dim))
+
+    def logits(params, variant):
+        return variant(model_from_params(params, CFG).out_head, x)
+
+    padded, plain = logits(params, platform.padded_logits), logits(params, platform.plain_logits)
+    assert padded.shape == plain.shape == (2, 5, 250) and padded.dtype == jnp.float32
+    np.testing.assert_allclose(padded, plain, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda p: logits(p, platform.padded_logits))(params))
+    assert "f32[2,5,256] = dot_general" in jaxpr  # the matmul really ran 256 wide
+    grad = jax.grad(lambda p, v: jnp.sum(jnp.sin(logits(p, v))))
+    g_padded = grad(params, platform.padded_logits)["out_head"]["kernel"]
+    assert g_padded.shape == (CFG.emb_dim, 250)
+    np.testing.assert_allclose(g_padded, grad(params, platform.plain_logits)["out_head"]["kernel"], atol=1e-5)
+
+
+def test_layer_norm_means_agree():
+    x = jax.random.normal(jax.random.key(5), (3, 7, 48)) * 3.0 + 1.0
+    np.testing.assert_allclose(platform.mean_by_matvec(x), platform.mean_by_reduction(x), atol=1e-6)
+    np.testing.assert_allclose(platform.layer_norm_mean(x), x.mean(-1, keepdims=True), atol=1e-6)
+
+
+def test_sums_of_squares_give_optax_global_norm():
+    params = gptjax.init_params(CFG, seed=6)
+    want = float(optax.tree.norm(params))
+    for variant in (platform.sum_of_squares_by_matvec, platform.sum_of_squares_by_reduction):
+        got = float(jnp.sqrt(sum(variant(x) for x in jax.tree_util.tree_leaves(params))))
+        assert got == pytest.approx(want, rel=1e-6)
+    assert float(global_norm(params)) == pytest.approx(want, rel=1e-6)
+
+
+def test_backward_barrier_passes_finite_gradients_unchanged():
+    x = jnp.arange(6.0).reshape(1, 2, 3)
+    f = lambda x, w: jnp.sum(platform.backward_barrier(x) * w)  # noqa: E731
+    np.testing.assert_array_equal(jax.grad(f)(x, x + 1.0), x + 1.0)
+    assert "cond" in str(jax.make_jaxpr(jax.grad(f))(x, x))  # the barrier XLA cannot fuse through
+    assert np.isnan(np.asarray(jax.grad(f)(x, x.at[0, 0, 0].set(jnp.inf)))).all()  # non-finite stays non-finite
+
+
+@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_self_attention_equals_the_books_causal_attention(dtype, atol):
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 32, 4, 16), dtype) for key in (k1, k2, k3))
+    want = causal_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
+    for variant in (platform.self_attention, platform.xla_attention, platform.cuda_attention):
+        got = variant(q, k, v)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol)
+
+
+def test_cudnn_attention_says_why_not():
+    q = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
+    assert "bfloat16 or float16" in platform.cudnn_attention_unavailable(q, q, q)
+
+
+def test_one_function_lowered_for_two_platforms_gets_each_its_own():
+    """The choice is made at lowering: the same jitted function, traced once, lowered for CPU and for
+    CUDA, carries the CPU's three projections and the accelerator's one fused projection."""
+    params = gptjax.init_params(CFG, seed=0)
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+    traced = jax.jit(lambda p, x: gptjax.apply(p, CFG, x)).trace(params, ids)
+    fused_shape = f"tensor<2x16x{3 * CFG.emb_dim}xf32>"
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert fused_shape not in cpu and "tensor<2x16x256xf32>" not in cpu
+    assert fused_shape in cuda and "tensor<2x16x256xf32>" in cuda  # fused QKV, padded vocabulary
