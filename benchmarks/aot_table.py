@@ -30,9 +30,7 @@ CASES = {
     "xl-h100-bf16-b8-remat": "--target gpu-h100:1 --preset gpt2-xl --batch-size 8 --dtype bfloat16 --remat",
     "xl-h200-f32-b8": "--target gpu-h200:1 --preset gpt2-xl --batch-size 8",
     "xl-v5e-2x4-fsdp-bf16-b16-remat": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
-    "xl-v5e-2x4-fsdp-bf16-b8": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 8 --mesh fsdp=8 --dtype bfloat16",
     "xl-h100x8-fsdp-bf16-b64": "--target gpu-h100:8 --preset gpt2-xl --batch-size 64 --mesh fsdp=8 --dtype bfloat16",
-    "small-v5e-2x2-f32-b8": "--target tpu-v5e:2x2 --preset gpt2-small --batch-size 8 --mesh fsdp=4",
 }
 
 
@@ -40,8 +38,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", default="", help="run only the cases whose name contains this (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file of results (default: {RESULTS})")
+    p.add_argument("--markdown", action="store_true", help="print the results as the README's table, compile nothing")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.markdown:
+        print(markdown(results))
+        return 0
     for name, flags in CASES.items():
         if args.only not in name or name in results:
             continue
@@ -61,6 +63,22 @@ def main() -> int:
         tmp_out.write_text(json.dumps(results, indent=1) + "\n")
         tmp_out.replace(args.out)
     return 0
+
+
+def markdown(results: dict) -> str:
+    rows = ["| target | model | dtype | batch (per device) | mesh | remat | peak per device | of usable | fits | compile |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        b = r["per_device_bytes"]
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "one device"
+        preset = r["flags"].split("--preset ")[1].split()[0]
+        params = f"{preset} ({r['parameters'] / 1e6:,.0f}M)"
+        usable = r["usable_memory_bytes"]
+        rows.append(f"| {r['target']} | {params}, T={r['model']['context_length']} | {r['dtype']} | "
+                    f"{r['batch_size']} ({r['batch_size'] // r['devices']}) | {mesh} | {'yes' if r['remat'] else 'no'} | "
+                    f"{b['peak'] / 2**30:.1f} GiB | {b['peak'] / usable:.0%} of {usable / 2**30:.1f} GiB | "
+                    f"{'yes' if r['fits'] else '**no**'} | {r['compile_s']:.0f} s |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
-"""Greedy decode throughput at the 124M shape: gptjax's KV-cached generate against full recompute
-and the book's torch generate_text_simple, in one run.
+"""Greedy decode throughput: gptjax's KV-cached generate at the book's context (256) and GPT-2's (1024), from
+float32, bfloat16 and int8 weights, against Hugging Face ``generate``, the book's torch loop and full
+recompute, all in one run.
 
-    python benchmarks/bench_decode.py [--batch-sizes 1 8] [--new-tokens 200] [--out benchmarks/results/decode.json]
+    python benchmarks/bench_decode.py [--configs GPT_CONFIG_124M gpt2-small] [--batch-sizes 1 8]
+        [--new-tokens 300] [--weights-dtypes float32 bfloat16 int8] [--methods kv-cache hf] [--repeats 3]
 
-Methods (random weights, float32, prompt of --prompt-len random tokens, no eos):
-  kv-cache         gptjax.sampling.generate: prefill + a jitted lax.while_loop decode, no host sync per token
-  kv-cache-pyloop  the same cached step driven by a Python loop (one dispatch per token): the design alternative
+Methods (random weights, prompt of --prompt-len random tokens, no eos):
+  kv-cache         gptjax.sampling.generate (prefill + jitted lax.while_loops over a cache grown in buckets),
+                   once per --weights-dtypes entry
+  kv-cache-pyloop  the same cached step driven by a Python loop over a full-context cache (one dispatch per token)
   full-recompute   jitted forward over the whole sequence each token (lengths bucketed to powers of two)
-  torch            tests/torch_reference.generate_text_simple, the book's loop
+  torch            tests/torch_reference.generate_text_simple, the book's loop (no cache)
+  hf               transformers GPT2LMHeadModel.generate(do_sample=False, use_cache=True) on the same weights
 
-Every JAX method runs once untimed first (compiles; reported as compile_s = first run - timed run).
+Each config decodes min(--new-tokens, context_length - --prompt-len) tokens, so that no method slides the
+window (GPT_CONFIG_124M: 252 of 300). Every case runs once untimed (compiles; compile_s = that run minus the
+median), then --repeats rounds in which every case runs once, interleaved, so that a busy machine slows all of
+them alike; a row reports the median and every round. Ratios are computed per round, then the median taken.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +38,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gptjax  # noqa: E402
+from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
+from gptjax.quantize import WEIGHTS_DTYPES, quantize_params, weights_nbytes  # noqa: E402
 from gptjax.sampling import _bucket, _prefill, generate  # noqa: E402
 
-METHODS = ("kv-cache", "kv-cache-pyloop", "full-recompute", "torch")
+METHODS = ("kv-cache", "kv-cache-pyloop", "full-recompute", "torch", "hf")
 
 
-def kv_cache(params, cfg, prompt, new_tokens):
-    return generate(params, cfg, prompt, new_tokens)
+def kv_cache(weights, cfg, prompt, new_tokens):
+    return generate(weights, cfg, prompt, new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -50,7 +59,7 @@ def kv_cache_pyloop(params, cfg, prompt, new_tokens):
     prompt_len = prompt.shape[1]
     padded = np.zeros((prompt.shape[0], _bucket(prompt_len, cap=cfg.context_length)), np.int32)
     padded[:, :prompt_len] = prompt
-    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len))
+    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len), slots=cfg.context_length)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = [token]
     for pos in range(prompt_len, prompt_len + new_tokens - 1):
@@ -68,8 +77,6 @@ def _full_step(params, cfg, tokens, length, width):
 
 def full_recompute(params, cfg, prompt, new_tokens):
     total = prompt.shape[1] + new_tokens
-    if total > cfg.context_length:
-        raise ValueError("the full-recompute baseline does not slide the window; keep prompt + new tokens <= context")
     tokens = np.zeros((prompt.shape[0], _bucket(total)), np.int32)
     tokens[:, : prompt.shape[1]] = prompt
     tokens = jnp.asarray(tokens)
@@ -88,97 +95,144 @@ def torch_reference(model, cfg, prompt, new_tokens):
     return out.numpy()
 
 
+def hf_generate(model, cfg, prompt, new_tokens):
+    import torch
+
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+    return out.numpy()
+
+
+def torch_model(params, cfg):
+    from tests.torch_reference import GPTModel
+
+    model = GPTModel(cfg.to_dict()).eval()
+    model.load_state_dict(gptjax.to_torch_state_dict(params, cfg), strict=True)
+    return model
+
+
+def hf_model(params, cfg):
+    from transformers import GPT2LMHeadModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gptjax.save_weights(params, cfg, Path(tmp) / "hf", format="hf")
+        return GPT2LMHeadModel.from_pretrained(Path(tmp) / "hf").eval()
+
+
 def timed(fn, *args) -> tuple[float, np.ndarray]:
     start = time.perf_counter()
     out = fn(*args)
     return time.perf_counter() - start, out
 
 
+def first_divergence(a: np.ndarray, b: np.ndarray) -> int | None:
+    """The first new-token index at which two greedy outputs differ (None: identical)."""
+    diff = np.flatnonzero((a != b).any(axis=0))
+    return None if len(diff) == 0 else int(diff[0])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="GPT_CONFIG_124M", help="a gptjax preset name or alias")
+    parser.add_argument("--configs", nargs="+", default=["GPT_CONFIG_124M", "gpt2-small"],
+                        help="gptjax preset names or aliases (default: GPT_CONFIG_124M gpt2-small)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--new-tokens", type=int, default=300, help="capped per config to fit its context")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["kv-cache", "hf"])
+    parser.add_argument("--weights-dtypes", nargs="+", choices=WEIGHTS_DTYPES, default=list(WEIGHTS_DTYPES),
+                        help="weight formats for kv-cache (default: all three)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     args = parser.parse_args(argv)
 
-    cfg = gptjax.get_config(args.config)
-    params = gptjax.init_params(cfg, seed=0)
-    torch_model = None
-    if "torch" in args.methods:
-        import torch
-
-        from tests.torch_reference import GPTModel
-
-        torch_model = GPTModel(cfg.to_dict()).eval()
-        torch_model.load_state_dict(gptjax.to_torch_state_dict(params, cfg), strict=True)
-
-    runners = {
-        "kv-cache": (kv_cache, params),
-        "kv-cache-pyloop": (kv_cache_pyloop, params),
-        "full-recompute": (full_recompute, params),
-        "torch": (torch_reference, torch_model),
-    }
-    rows = []
-    for batch in args.batch_sizes:
-        prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args.prompt_len), dtype=np.int32)
-        outputs = {}
+    info = machine_info()
+    cases = []  # (config name, cfg, batch, method, weights dtype, runner, weights, prompt, new tokens)
+    for name in args.configs:
+        cfg = gptjax.get_config(name)
+        new_tokens = min(args.new_tokens, cfg.context_length - args.prompt_len)
+        params = gptjax.init_params(cfg, seed=0)
+        weights = {}
         for method in args.methods:
-            fn, weights = runners[method]
-            first_s = timed(fn, weights, cfg, prompt, args.new_tokens)[0] if method != "torch" else None
-            seconds, outputs[method] = timed(fn, weights, cfg, prompt, args.new_tokens)
-            rows.append(
-                dict(
-                    method=method,
-                    batch=batch,
-                    seconds=round(seconds, 3),
-                    tokens_per_s=round(batch * args.new_tokens / seconds, 2),
-                    compile_s=None if first_s is None else round(max(first_s - seconds, 0.0), 2),
-                )
-            )
-            print(f"  {method:16s} batch {batch}: {rows[-1]['tokens_per_s']:8.2f} tokens/s", flush=True)
-        # Same weights, greedy: every method must produce the same tokens (float ties aside).
-        reference = next(iter(outputs.values()))
-        for row in rows[-len(outputs):]:
-            row["same_tokens_as_" + args.methods[0]] = bool(np.array_equal(outputs[row["method"]], reference))
+            if method == "kv-cache":
+                for wd in args.weights_dtypes:
+                    weights[(method, wd)] = (kv_cache, quantize_params(params, wd))
+            else:
+                builders = {"kv-cache-pyloop": (kv_cache_pyloop, lambda: params),
+                            "full-recompute": (full_recompute, lambda: params),
+                            "torch": (torch_reference, lambda: torch_model(params, cfg)),
+                            "hf": (hf_generate, lambda: hf_model(params, cfg))}
+                fn, build = builders[method]
+                weights[(method, "float32")] = (fn, build())
+        for batch in args.batch_sizes:
+            prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, args.prompt_len), dtype=np.int32)
+            for (method, wd), (fn, w) in weights.items():
+                cases.append(dict(config=name, cfg=cfg, batch=batch, method=method, weights_dtype=wd, fn=fn, w=w,
+                                  prompt=prompt, new_tokens=new_tokens))
 
-    torch_speed = {r["batch"]: r["tokens_per_s"] for r in rows if r["method"] == "torch"}
-    for row in rows:
-        if row["batch"] in torch_speed:
-            row["speedup_vs_torch"] = round(row["tokens_per_s"] / torch_speed[row["batch"]], 2)
+    for case in cases:
+        first_s, case["out"] = timed(case["fn"], case["w"], case["cfg"], case["prompt"], case["new_tokens"])
+        case["first_s"] = first_s
+        print(f"  warm-up {case['config']} b{case['batch']} {case['method']} {case['weights_dtype']}: {first_s:.1f} s",
+              flush=True)
+    for r in range(args.repeats):
+        for case in cases:
+            seconds, _ = timed(case["fn"], case["w"], case["cfg"], case["prompt"], case["new_tokens"])
+            case.setdefault("runs", []).append(case["batch"] * case["new_tokens"] / seconds)
+        print(f"  round {r + 1}/{args.repeats} done", flush=True)
 
-    print(f"\n{cfg.n_layers} layers, emb {cfg.emb_dim}, vocab {cfg.vocab_size}, float32; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, greedy; {os.cpu_count()} CPUs, {jax.devices()[0].platform}")
-    header = f"{'method':16s} {'batch':>5s} {'tokens/s':>9s} {'seconds':>8s} {'compile_s':>9s} {'vs torch':>8s} {'same':>5s}"
-    print(header + "\n" + "-" * len(header))
-    for r in rows:
-        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}"
-        speedup = f"{r['speedup_vs_torch']:.2f}x" if "speedup_vs_torch" in r else "-"
-        same = r["same_tokens_as_" + args.methods[0]]
-        print(f"{r['method']:16s} {r['batch']:5d} {r['tokens_per_s']:9.2f} {r['seconds']:8.2f} {compile_s:>9s} "
-              f"{speedup:>8s} {str(same):>5s}")
+    def key(c):
+        return (c["config"], c["batch"], c["method"], c["weights_dtype"])
 
-    result = dict(
-        benchmark="decode",
-        config=cfg.to_dict(),
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        dtype="float32",
-        machine=dict(cpus=os.cpu_count(), processor=platform.processor() or platform.machine(),
-                     backend=jax.devices()[0].platform, jax=jax.__version__, python=platform.python_version()),
-        results=rows,
-    )
-    if torch_model is not None:
+    by_key = {key(c): c for c in cases}
+    rows = []
+    for c in cases:
+        median = statistics.median(c["runs"])
+        ref = by_key.get((c["config"], c["batch"], "kv-cache", "float32")) or by_key[key(c)]
+        row = dict(config=c["config"], context_length=c["cfg"].context_length, batch=c["batch"], method=c["method"],
+                   weights_dtype=c["weights_dtype"], new_tokens=c["new_tokens"], tokens_per_s=round(median, 2),
+                   tokens_per_s_rounds=[round(x, 2) for x in c["runs"]],
+                   compile_s=round(max(c["first_s"] - c["batch"] * c["new_tokens"] / median, 0.0), 2),
+                   first_divergence_from_kv_cache_float32=first_divergence(c["out"], ref["out"]))
+        if c["method"] == "kv-cache":
+            row["weights_bytes"] = weights_nbytes(c["w"])
+        for other, label in (("kv-cache", "vs_kv_cache_float32"), ("hf", "vs_hf")):
+            base = by_key.get((c["config"], c["batch"], other, "float32"))
+            if base is not None and base is not c:
+                row[label] = round(statistics.median(a / b for a, b in zip(c["runs"], base["runs"])), 3)
+        rows.append(row)
+
+    # Decoding at GPT-2's context against the book's: the same model size, kv-cache float32.
+    context_ratio = []
+    if len(args.configs) >= 2 and "kv-cache" in args.methods and "float32" in args.weights_dtypes:
+        short, long_ = args.configs[0], args.configs[1]
+        for batch in args.batch_sizes:
+            a, b = by_key[(long_, batch, "kv-cache", "float32")], by_key[(short, batch, "kv-cache", "float32")]
+            context_ratio.append(dict(batch=batch, config=long_, over=short,
+                                      ratio=round(statistics.median(x / y for x, y in zip(a["runs"], b["runs"])), 3)))
+
+    print(f"\nprompt {args.prompt_len}, greedy, {args.repeats} interleaved rounds; {info['cpus']} CPUs, {info['backend']}, "
+          f"load average at start {info.get('load_average_1m_at_start')}")
+    print_table(rows, [("config", "config", ""), ("batch", "batch", "d"), ("method", "method", ""),
+                       ("weights_dtype", "weights", ""), ("new_tokens", "new", "d"), ("tokens_per_s", "tokens/s", ".2f"),
+                       ("compile_s", "compile s", ".1f"), ("vs_kv_cache_float32", "vs f32", ".2f"),
+                       ("vs_hf", "vs hf", ".2f"), ("first_divergence_from_kv_cache_float32", "diverges at", "")])
+    for r in context_ratio:
+        print(f"{r['config']} over {r['over']} kv-cache float32 tokens/s, batch {r['batch']}: {r['ratio']:.3f}")
+
+    if {"torch", "hf"} & set(args.methods):
         import torch
 
-        result["machine"].update(torch=torch.__version__, torch_threads=torch.get_num_threads())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    if "hf" in args.methods:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
+    out = write_json(args.out, dict(benchmark="decode", prompt_len=args.prompt_len, repeats=args.repeats,
+                                    machine=info, results=rows, context_ratio=context_ratio))
     print(f"\nwrote {out}")
     return 0
 

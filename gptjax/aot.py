@@ -17,11 +17,12 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gptjax import cli
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(this machine's CPU devices, to compare with a real run)")
     t.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE (default: none)")
     t.add_argument("--dump-hlo", metavar="FILE", help="write the compiled module's HLO text to FILE (default: none)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --json or --dump-hlo file "
+                   "(default: refuse)")
     cli.add_model_flags(p, init_from=False)
     g = p.add_argument_group("batch")
     cli.add_batch_flags(g)
@@ -97,7 +100,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     import jax
 
     from gptjax import sharding
-    from gptjax.model import param_count, abstract_params
+    from gptjax.model import abstract_params, param_count
     from gptjax.training import make_optimizer, make_train_step, train_step_options
 
     cfg, tcfg = cli.model_config(args), cli.train_config(args)
@@ -113,12 +116,17 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     except ValueError as e:
         raise TargetError(f"--batch-size {tcfg.batch_size}: {e}") from None
     for flag in ("json", "dump_hlo"):
-        if flag in args and Path(args[flag]).is_dir():
-            raise TargetError(f"--{flag.replace('_', '-')} {args[flag]} is a directory; give a file name")
+        if flag not in args:
+            continue
+        path, name = Path(args[flag]), "--" + flag.replace("_", "-")
+        if path.is_dir():
+            raise TargetError(f"{name} {path} is a directory; give a file name")
+        if path.exists() and not args.get("overwrite"):
+            raise TargetError(f"{name} {path} already exists; pass --overwrite to replace it, or name another file")
 
     optimizer = make_optimizer(tcfg, total_steps=1000)  # the schedule's length changes no shape
     jit_kwargs = sharding.train_step_jit_kwargs(mesh, cfg, optimizer, tcfg.grad_accum)
-    step = make_train_step(cfg, optimizer, **train_step_options(tcfg), jit_kwargs=jit_kwargs)
+    step = make_train_step(cfg, optimizer, **train_step_options(tcfg), jit_kwargs=jit_kwargs, mesh=mesh)
     params, opt_state = sharding.abstract_state(cfg, optimizer, mesh)
     batch_shape = (tcfg.batch_size, cfg.context_length)
     if tcfg.grad_accum > 1:
@@ -132,7 +140,7 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     lowered = step.lower(params, opt_state, (tokens, tokens), key)
     state_bytes = _per_device_bytes(params) + _per_device_bytes(opt_state)
     try:
-        compiled = lowered.compile()
+        compiled = _on_a_deep_stack(lowered.compile)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -175,6 +183,30 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _on_a_deep_stack(fn: Callable[[], Any]) -> Any:
+    """``fn()`` in a thread with a 1 GiB stack: libtpu's compiler recurses deeper than the main thread's
+    8 MiB allow on gpt2-xl (a SIGSEGV, "stack overflow", in its convolution-window costing); the pages
+    are only reserved, not used."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            result["error"] = e
+
+    old = threading.stack_size(1 << 30)
+    try:
+        thread = threading.Thread(target=target, name="gptjax-aot-compile")
+        thread.start()
+    finally:
+        threading.stack_size(old)
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def _planned_sizes(compiled: Any) -> dict[str, int]:
     mem = compiled.memory_analysis()
     b = {
@@ -208,6 +240,8 @@ def _only_cpu_backend() -> None:
     """Compile-only targets need jax's own backend to be the CPU: with the CUDA plugin installed and no
     GPU, initialising it would fail. Set before any backend starts, in this entry point only."""
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # libtpu lets one process at a time hold a TPU unless told otherwise; compiling holds none.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
 
     jax.config.update("jax_platforms", "cpu")

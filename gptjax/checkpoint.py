@@ -112,12 +112,10 @@ def restore_checkpoint(
 # Weights only
 
 
-def save_params(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
-    """Write ``params`` and ``cfg`` as a gptjax parameter directory, atomically (replacing an earlier one)."""
-    path = Path(path).absolute()
-    if path.exists() and not _is_params_dir(path):
-        raise ValueError(f"{path} exists and is not a gptjax parameter directory; choose a new path")
-    with atomic_dir(path, _is_params_dir) as tmp:
+def save_params(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """Write ``params`` and ``cfg`` as a gptjax parameter directory (``params/`` and ``config.json``), atomically.
+    An existing folder needs ``overwrite``; then only those two entries are replaced."""
+    with atomic_dir(path, (PARAMS, CONFIG_JSON), _is_params_dir, overwrite=overwrite) as tmp:
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(tmp / PARAMS, args=ocp.args.StandardSave(params))
         (tmp / CONFIG_JSON).write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2) + "\n")
 
@@ -127,6 +125,13 @@ def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
     directory (RUN/checkpoints/<step>) or a :func:`save_params` directory."""
     step_dir, cfg = _locate(Path(path))
     return _restore_tree(step_dir / PARAMS, abstract_params(cfg)), cfg
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The training step of the checkpoint :func:`load_params` reads at ``path`` (a run's latest, or a step
+    directory's own); None for a save_params directory, which records none."""
+    step_dir, _ = _locate(Path(path))
+    return int(_read_meta(step_dir)["step"]) if _is_step_dir(step_dir) else None
 
 
 def is_gptjax_checkpoint(path: str | os.PathLike) -> bool:

@@ -8,9 +8,14 @@ only the flags the user typed into the result, so code can tell "given" from "de
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
+from gptjax.model import Params
 from gptjax.training import COMPUTE_DTYPES, TrainConfig
 
 DEFAULT_PRESET = "GPT_CONFIG_124M"
@@ -21,15 +26,20 @@ def add_model_flags(p: argparse.ArgumentParser, *, init_from: bool = True) -> No
     m = p.add_argument_group("model")
     presets = sorted(PRESETS) + sorted(ALIASES)
     m.add_argument("--preset", metavar="NAME", help=f"model preset (default: {DEFAULT_PRESET}); one of: {', '.join(presets)}")
-    m.add_argument("--context-length", type=int, metavar="N", help="override the preset's context length (tokens per window)")
-    m.add_argument("--emb-dim", type=int, metavar="N", help="override the preset's embedding size")
-    m.add_argument("--n-layers", type=int, metavar="N", help="override the preset's number of transformer blocks")
-    m.add_argument("--n-heads", type=int, metavar="N", help="override the preset's number of attention heads")
-    m.add_argument("--drop-rate", type=float, metavar="X", help="override the dropout rate (also with --init-from)")
-    m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases in the query/key/value projections")
+    m.add_argument("--context-length", type=int, metavar="N",
+                   help="tokens per window (default: the preset's, 256 for GPT_CONFIG_124M)")
+    m.add_argument("--emb-dim", type=int, metavar="N", help="embedding size (default: the preset's)")
+    m.add_argument("--n-layers", type=int, metavar="N", help="number of transformer blocks (default: the preset's)")
+    m.add_argument("--n-heads", type=int, metavar="N", help="number of attention heads (default: the preset's; with "
+                   "--init-from, the weights' own, or 64-wide heads for a .pth without its config file)")
+    m.add_argument("--drop-rate", type=float, metavar="X", help="dropout rate, also with --init-from (default: the "
+                   "preset's, 0.1)")
+    m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction,
+                   help="biases in the query/key/value projections (default: the preset's, off for GPT_CONFIG_124M)")
     if init_from:
         m.add_argument("--init-from", metavar="WEIGHTS", help="start from these weights (gptjax checkpoint or run, "
-                       "torch .pth, safetensors, Hugging Face or OpenAI folder); the model config comes from them")
+                       "torch .pth, safetensors, Hugging Face or OpenAI folder); the model config comes from them "
+                       "(default: initialise from --seed)")
 
 
 def add_batch_flags(g: argparse._ArgumentGroup) -> None:
@@ -43,7 +53,7 @@ def add_step_flags(t: argparse._ArgumentGroup) -> None:
     t.add_argument("--lr", type=float, metavar="X", help=f"peak AdamW learning rate (default: {d.lr})")
     t.add_argument("--weight-decay", type=float, metavar="X", help=f"AdamW weight decay (default: {d.weight_decay})")
     t.add_argument("--exclude-bias-norm-from-decay", action="store_true",
-                   help="no weight decay on biases and LayerNorm parameters (torch's AdamW decays all)")
+                   help="no weight decay on biases and LayerNorm parameters (default: off, torch's AdamW decays all)")
     t.add_argument("--warmup-steps", type=int, metavar="N", help="linear warmup from 0 over this many steps (default: 0)")
     t.add_argument("--min-lr", type=float, metavar="X", help="cosine-decay the learning rate to this value (default: constant lr)")
     t.add_argument("--grad-clip", type=float, metavar="X", help="clip gradients to this global norm (default: no clipping)")
@@ -52,7 +62,7 @@ def add_step_flags(t: argparse._ArgumentGroup) -> None:
                    "precision (float32 parameters, optimizer state, softmax, LayerNorm statistics and loss); "
                    f"for GPUs and TPUs (default: {d.dtype})")
     t.add_argument("--remat", action="store_true", help="recompute each block's activations in the backward pass: "
-                   "less memory for longer contexts or bigger batches, about a third more compute")
+                   "less memory for longer contexts or bigger batches, about a third more compute (default: off)")
     t.add_argument("--seed", type=int, metavar="N", help=f"seed for initialisation, shuffling and dropout (default: {d.seed})")
 
 
@@ -65,7 +75,10 @@ def add_mesh_flag(v: argparse._ArgumentGroup) -> None:
 
 def model_config(args: dict[str, Any]) -> GPTConfig:
     """The model the flags in ``args`` (parsed with SUPPRESS defaults) describe, without --init-from."""
-    return get_config(args.get("preset", DEFAULT_PRESET), **model_overrides(args))
+    try:
+        return get_config(args.get("preset", DEFAULT_PRESET), **model_overrides(args))
+    except ValueError as e:
+        raise ValueError(in_flag_terms(e, MODEL_FLAGS)) from None
 
 
 def model_overrides(args: dict[str, Any]) -> dict[str, Any]:
@@ -74,4 +87,68 @@ def model_overrides(args: dict[str, Any]) -> dict[str, Any]:
 
 def train_config(args: dict[str, Any]) -> TrainConfig:
     """The TrainConfig of the flags in ``args`` (every other setting at its default)."""
-    return TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
+    try:
+        return TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
+    except ValueError as e:
+        raise ValueError(in_flag_terms(e, TrainConfig.__dataclass_fields__)) from None
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def in_flag_terms(e: BaseException, names: Iterable[str]) -> str:
+    """An error of the Python API about settings ``names`` (``batch_size must be at least 1``), as one line
+    in the flags the user typed (``--batch-size must be at least 1``)."""
+    text = " ".join(str(e).split())
+    for name in sorted(names, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-])(?:GPTConfig\.|TrainConfig\.)?{name}(?![\w-])", flag(name), text)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading weights named on the command line
+
+
+def add_n_heads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-heads", type=int, metavar="N", default=None,
+                   help="the head count, for weights that do not record it (a .pth without its config file) "
+                   "(default: from the weights' config, else GPT-2's 64-wide heads, with a notice)")
+
+
+def load_weights_flag(weights: str, n_heads: int | None, *, flag_name: str = "--weights") -> tuple[Params, GPTConfig]:
+    """``load_weights(weights)`` for a CLI: a head count the weights do not hold comes from ``--n-heads``
+    (else the assumed one is printed as one notice), and a ``--n-heads`` that contradicts them is an error."""
+    from gptjax.weights import load_weights
+    from gptjax.weights.mapping import ARCH_FIELDS, AssumedHeadsWarning, UnknownHeadsError
+
+    if n_heads is not None and n_heads < 1:
+        raise ValueError(f"--n-heads must be at least 1, got {n_heads}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AssumedHeadsWarning)
+        try:
+            params, cfg = load_weights(weights)
+            unknown = None
+        except UnknownHeadsError as e:
+            if n_heads is None:
+                raise
+            unknown = {k: v for k, v in e.found.items() if k in ARCH_FIELDS and k != "n_heads"}
+    assumed = [w for w in caught if issubclass(w.category, AssumedHeadsWarning)]
+    for w in caught:
+        if w not in assumed:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if n_heads is None:
+        for w in assumed:
+            print(f"note: {w.message}", file=sys.stderr)
+        return params, cfg
+    emb_dim = cfg.emb_dim if unknown is None else unknown["emb_dim"]
+    if emb_dim % n_heads:
+        raise ValueError(f"--n-heads {n_heads} does not divide the embedding size {emb_dim} of {flag_name} {weights}")
+    if unknown is not None:  # nothing was assumed: read the file again, now with a whole config
+        return load_weights(weights, cfg=GPTConfig(**unknown, n_heads=n_heads))
+    if not assumed and n_heads != cfg.n_heads:
+        raise ValueError(f"--n-heads {n_heads} does not match {flag_name} {weights}, whose config has "
+                         f"{cfg.n_heads} heads; drop --n-heads")
+    # The parameter shapes do not depend on the head count: only the config changes.
+    return params, cfg.replace(n_heads=n_heads)

@@ -5,6 +5,9 @@
 The text (default: the bundled the-verdict.txt) is split 90/10 by characters; windows of the context
 length (the model's, or --context-length) with stride = context length, batches of 2, every batch
 averaged. For GPT-2 124M on the-verdict at --context-length 256 the book reports train 3.755, val 3.560.
+
+For a training run, the weights are its latest checkpoint, which is usually later than the run's last
+evaluation in metrics.jsonl; the step evaluated is printed.
 """
 
 from __future__ import annotations
@@ -12,32 +15,46 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptjax import cli
 from gptjax.data import create_dataloader, read_corpus, split_text
 from gptjax.tokenizer import load_default_corpus
 from gptjax.training import calc_loss_loader, perplexity
-from gptjax.weights import load_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gptjax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", required=True, help="weights to load (run/checkpoint dir, .pth, HF, OpenAI)")
-    parser.add_argument("--corpus", default=None, help="UTF-8 text file (default: the bundled the-verdict.txt)")
-    parser.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--train-ratio", type=float, default=0.9)
+    parser.add_argument("--weights", required=True, metavar="PATH",
+                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder (required)")
+    parser.add_argument("--corpus", default=None, metavar="TXT",
+                        help="UTF-8 text file (default: the bundled the-verdict.txt)")
+    parser.add_argument("--context-length", type=int, default=None, metavar="N",
+                        help="window length, at most the model's (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per batch (default: 2)")
+    parser.add_argument("--train-ratio", type=float, default=0.9, metavar="X",
+                        help="share of the text in the training split (default: 0.9)")
+    cli.add_n_heads_flag(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if not 0 < args.train_ratio < 1:
+            raise ValueError(f"--train-ratio must be between 0 and 1 (exclusive), got {args.train_ratio}")
+        if args.context_length is not None and args.context_length < 1:
+            raise ValueError(f"--context-length must be at least 1, got {args.context_length}")
         text = read_corpus(args.corpus) if args.corpus else load_default_corpus()
-        train_text, val_text = split_text(text, args.train_ratio)
-        params, cfg = load_weights(args.weights)
+        try:
+            train_text, val_text = split_text(text, args.train_ratio)
+        except ValueError as e:
+            raise ValueError(f"{e}; use a longer --corpus or another --train-ratio") from None
+        params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
         context = args.context_length or cfg.context_length
-        if not 0 < context <= cfg.context_length:
+        if context > cfg.context_length:
             raise ValueError(f"--context-length must be between 1 and the model's {cfg.context_length}, got {context}")
         losses = {}
         for name, part, drop_last in (("train", train_text, True), ("val", val_text, False)):
@@ -45,18 +62,31 @@ def main(argv: list[str] | None = None) -> int:
                 loader = create_dataloader(part, batch_size=args.batch_size, max_length=context, stride=context,
                                            shuffle=False, drop_last=drop_last)
             except ValueError as e:
-                raise ValueError(f"{name} split: {e}; use a longer --corpus or a smaller --context-length") from None
+                message = cli.in_flag_terms(e, ("batch_size",)).replace("max_length", "--context-length")
+                raise ValueError(f"{name} split: {message}; use a longer --corpus or a smaller "
+                                 "--context-length") from None
             if len(loader) == 0:
                 raise ValueError(f"the {name} split gives no full batch of {args.batch_size} windows of {context} "
-                                 "tokens; use a longer --corpus or a smaller --context-length")
+                                 "tokens; use a longer --corpus or a smaller --context-length or --batch-size")
             losses[name] = calc_loss_loader(params, cfg, loader)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        step = _checkpoint_step(args.weights)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    print(f"weights {args.weights}: {cfg}, context {context}")
+    print(f"weights {args.weights}{step}: {cfg}, context {context}")
     for name, loss in losses.items():
         print(f"{name:5s} loss {loss:.3f}  perplexity {perplexity(loss):.6g}")
     return 0
+
+
+def _checkpoint_step(weights: str) -> str:
+    """Which training step a gptjax run's or checkpoint's weights are from, for the report line."""
+    from gptjax.checkpoint import checkpoint_step, is_gptjax_checkpoint
+
+    if not is_gptjax_checkpoint(weights):
+        return ""
+    step = checkpoint_step(weights)
+    return "" if step is None else f" (checkpoint at step {step})"
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ operation              CPU                    GPU                       TPU
 =====================  =====================  ========================  ==================================
 LayerNorm mean         matrix-vector product  reduction                 reduction
 q, k, v projections    three matmuls          one [d, 3d] matmul        one [d, 3d] matmul
-logits matmul          50257 columns          padded to 50304           padded to 50304
+logits matmul          50257 columns          padded to 50304           50257 columns
 block input, backward  barrier (conditional)  plain                     plain
 gradient norm          matrix-vector products reductions                reductions
 attention, no dropout  XLA                    cuDNN flash (bf16/fp16)   XLA
@@ -27,8 +27,10 @@ Why (benchmarks/NOTES.md has the measurements):
 - Fused QKV: one wide GEMM reads ``x`` once and fills a GPU or TPU better; on CPU the kernel
   concatenation and the wider weight-gradient GEMM cost more than they save. The parameter tree keeps
   the book's three Linear layers either way (the concatenation happens inside the jitted function).
-- Padded vocabulary: a multiple of 64 gives the widest matmul of the model tile-friendly shapes on
-  GPU and TPU; on CPU the pad and the slice cost more than they save.
+- Padded vocabulary: a multiple of 64 gives the widest matmul of the model tensor-core-friendly
+  shapes on a GPU; on CPU the pad and the slice cost more than they save. TPU layouts are tiled
+  (8, 128) anyway, so XLA pads there by itself, and libtpu 0.0.42 fails to compile the explicit pad's
+  gradient under FSDP (a RET_CHECK in its all-reduce-scatter fusion of the sliced kernel gradient).
 - Backward barrier: at long sequences XLA:CPU fuses the residual stream's whole gradient chain into
   each block's weight-gradient operands and recomputes it (gpt2-small, T=1024: 10.0 s instead of
   7.3 s a step). A conditional is one thing its fusion passes cannot see through.
@@ -115,8 +117,10 @@ def padded_logits(out_head: Linear, x: jax.Array) -> jax.Array:
 
 def logits(out_head: Linear, x: jax.Array) -> jax.Array:
     """``out_head(x)``: float32 logits over the vocabulary (the layer accumulates in float32)."""
-    return _cpu_or_accelerator(x, cpu=lambda x: plain_logits(out_head, x),
-                               accelerator=lambda x: padded_logits(out_head, x))
+    def plain(x):
+        return plain_logits(out_head, x)
+
+    return jax.lax.platform_dependent(x, cpu=plain, tpu=plain, default=lambda x: padded_logits(out_head, x))
 
 
 # --- the backward-pass barrier at each block's input -----------------------------------------------

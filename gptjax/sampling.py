@@ -5,9 +5,13 @@ Decoding strategy:
 * The logits filters (:func:`top_k_filter`, :func:`apply_temperature`, :func:`top_p_filter`) and
   :func:`sample_next` are pure functions of any logits array, in the book's order: top-k, then
   temperature, then (our addition) top-p, then a categorical draw. Temperature 0 is greedy argmax.
-* :func:`generate` prefills the prompt once, then decodes inside a single jitted
-  ``jax.lax.while_loop``: one token per iteration over a preallocated, static-shape KV cache, with
-  no host round trip per token and an early exit once every row has emitted ``eos_id``.
+* :func:`generate` prefills the prompt once, then decodes inside jitted ``jax.lax.while_loop``
+  calls: one token per iteration, no host round trip per token, an early exit once every row has
+  emitted ``eos_id``. Attention reads every slot of the KV cache, so the cache grows in power-of-two
+  buckets (64, 128, ... up to ``context_length``), one loop per bucket: a step reads and writes at
+  most twice the filled length, not ``context_length`` slots (GPT-2's 1024).
+* ``weights_dtype`` "bfloat16" or "int8" stores the matmul kernels smaller (:mod:`gptjax.quantize`)
+  and dequantizes them inside each step.
 * Prompts are right-padded to a power-of-two bucket: the causal mask means padding never
   influences the real positions, and the first decode step overwrites the padded cache slots
   before anything reads them. The output buffer is bucketed the same way, so a handful of
@@ -29,8 +33,10 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
+from gptjax.quantize import check_weights_dtype, dequantize_params, quantize_params
 
 _MIN_BUCKET = 16
+_MIN_KV_BUCKET = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,12 +129,35 @@ def _bucket(n: int, cap: int | None = None) -> int:
     return size if cap is None else min(size, cap)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array):
-    """Run the padded prompt through the model once: last real position's logits and the cache."""
-    cache = init_cache(cfg, padded_prompt.shape[0])
-    logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0)
+def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int) -> list[int]:
+    """The cache lengths the decode loop runs at, shortest first: powers of two from the padded prompt
+    (at least _MIN_KV_BUCKET) up to the last position the cache can hold, at most ``context``."""
+    last = min(buffer_len, context)
+    buckets = [min(max(prompt_bucket, _MIN_KV_BUCKET), context)]
+    while buckets[-1] < last:
+        buckets.append(min(2 * buckets[-1], context))
+    return buckets
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
+def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array, *, slots: int):
+    """Run the padded prompt through the model once: last real position's logits and a cache of
+    ``slots`` positions."""
+    cache = init_cache(cfg, padded_prompt.shape[0], slots=slots)
+    logits, cache = apply_with_cache(dequantize_params(params), cfg, padded_prompt, cache, 0)
     return jnp.take(logits, prompt_len - 1, axis=1), cache
+
+
+def _weights_for_step(params: Params, step: jax.Array) -> Params:
+    """The float32 weights for one decode step of a loop, from the tree as stored (maybe quantized).
+
+    Tied to the loop's step by a barrier, so that the dequantization stays inside the loop: left
+    loop-invariant, XLA hoists it out and keeps a float32 copy of every kernel for the whole decode,
+    which is the memory the smaller weights are there to save."""
+    if all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params)):
+        return params
+    stored, _ = jax.lax.optimization_barrier((params, step))
+    return dequantize_params(stored)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p"))
@@ -175,15 +204,23 @@ def _decode(
         return (length < prompt_len + max_new_tokens) & ~jnp.all(done)
 
     # Phase 1: while the whole sequence fits the context, feed the last token at its own position.
-    def cached_cond(carry):
+    # Attention reads the whole cache it is given, so the cache grows in buckets: one loop per cache
+    # length, each running while the position written (length - 1) fits. A step then reads at most
+    # twice the filled length instead of all context_length slots (at context 1024, short
+    # continuations no longer read and copy a mostly empty 1024-slot cache every token).
+    def cached_cond(carry, slots):
         (_, done, length), _ = carry
-        return running(done, length) & (length <= context)
+        return running(done, length) & (length <= slots)
 
     def cached_body(carry):
         (tokens, done, length), cache = carry
         last = jax.lax.dynamic_slice(tokens, (0, length - 1), (batch, 1))
-        logits, cache = apply_with_cache(params, cfg, last, cache, length - 1)
+        logits, cache = apply_with_cache(_weights_for_step(params, length), cfg, last, cache, length - 1)
         return emit((tokens, done, length), logits[:, -1]), cache
+
+    def grow(cache, slots):
+        pad = ((0, 0), (0, 0), (0, slots - cache[0]["k"].shape[2]), (0, 0))
+        return [{name: jnp.pad(slab, pad) for name, slab in layer.items()} for layer in cache]
 
     # Phase 2: the window slides; positions shift every step, so recompute the whole window.
     def sliding_cond(state):
@@ -193,10 +230,12 @@ def _decode(
     def sliding_body(state):
         tokens, _, length = state
         window = jax.lax.dynamic_slice(tokens, (0, length - context), (batch, context))
-        return emit(state, apply(params, cfg, window)[:, -1])
+        return emit(state, apply(_weights_for_step(params, length), cfg, window)[:, -1])
 
     state = emit((tokens, jnp.zeros((batch,), bool), prompt_len), logits)
-    state, _ = jax.lax.while_loop(cached_cond, cached_body, (state, cache))
+    for slots in _kv_buckets(cache[0]["k"].shape[2], tokens.shape[1], context):
+        cache = grow(cache, slots)
+        state, cache = jax.lax.while_loop(functools.partial(cached_cond, slots=slots), cached_body, (state, cache))
     if tokens.shape[1] > context:  # static: only buffers longer than the context can slide
         state = jax.lax.while_loop(sliding_cond, sliding_body, state)
     tokens, _, length = state
@@ -214,6 +253,7 @@ def generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     rng: jax.Array | int | None = None,
+    weights_dtype: str = "float32",
 ) -> np.ndarray:
     """Continue ``token_ids`` [batch, prompt] by up to ``max_new_tokens`` tokens: int32 numpy
     [batch, prompt + new].
@@ -224,6 +264,10 @@ def generate(
     positions hold ``eos_id``) and the call returns early, after the step at which the last row
     stopped. Prompts longer than the context are fine: the model sees the last
     ``context_length`` tokens, as in the book.
+
+    ``weights_dtype`` ("float32", "bfloat16" or "int8") stores the matmul kernels in that format
+    for decoding (:mod:`gptjax.quantize`; activations, accumulation, softmax and logits stay
+    float32). ``params`` may also be a tree that :func:`gptjax.quantize.quantize_params` returned.
     """
     ids = np.asarray(token_ids)
     if ids.ndim == 1:
@@ -239,6 +283,7 @@ def generate(
     _check_temperature(temperature)
     _check_top_k(top_k, cfg.vocab_size)
     _check_top_p(top_p)
+    check_weights_dtype(weights_dtype)
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
     greedy = float(temperature) == 0.0
@@ -248,6 +293,7 @@ def generate(
         return ids.astype(np.int32)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else (rng if rng is not None else jax.random.key(0))
 
+    params = quantize_params(params, weights_dtype)
     # The model only ever sees the last context_length tokens; older prompt tokens pass through.
     context = cfg.context_length
     head, prompt = ids[:, : max(0, ids.shape[1] - context)], ids[:, -context:].astype(np.int32)
@@ -256,7 +302,8 @@ def generate(
     buffer[:, :prompt_len] = prompt
     padded = buffer[:, : _bucket(prompt_len, cap=context)]
 
-    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len))
+    slots = _kv_buckets(padded.shape[1], buffer.shape[1], context)[0]
+    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len), slots=slots)
     tokens, n_new = _decode(
         params,
         cfg,

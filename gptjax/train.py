@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from jax.sharding import Mesh
 
 from gptjax import cli, sharding
 from gptjax.atomic import atomic_file
-from gptjax.checkpoint import checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
+from gptjax.checkpoint import CHECKPOINTS, checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from gptjax.config import GPTConfig
 from gptjax.model import Params, abstract_params, init_params, param_count
 from gptjax.plot import plot_run
@@ -42,12 +45,13 @@ from gptjax.training import (
     train_model_simple,
     train_step_options,
 )
+from gptjax.weights.mapping import ARCH_FIELDS
 
 DATA_FLAGS = ("corpus", "train_tokens", "val_tokens", "data_dir")
 DEVICE_FLAGS = ("mesh", "coordinator", "num_processes", "process_id", "distributed")
 # Settings that may change when resuming: they do not touch the arithmetic of training (a new mesh only
 # changes the order of floating-point sums).
-RESUME_OVERRIDES = ("max_steps", "save_every", "keep", "progress", *DEVICE_FLAGS)
+RESUME_OVERRIDES = ("max_steps", "save_every", "save_minutes", "keep", "progress", "peak_tflops", *DEVICE_FLAGS)
 METRICS, SAMPLES, CONFIG, PLOT = "metrics.jsonl", "samples.txt", "config.json", "loss.png"
 
 
@@ -63,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--corpus", metavar="TXT", help="UTF-8 text to train on (default: the bundled the-verdict.txt)")
-    g.add_argument("--train-tokens", metavar="BIN", help="uint16 token file for training (scripts/prepare_corpus.py)")
-    g.add_argument("--val-tokens", metavar="BIN", help="uint16 token file for validation")
-    g.add_argument("--data-dir", metavar="DIR", help="DIR/train.bin and DIR/val.bin from scripts/prepare_corpus.py")
+    g.add_argument("--train-tokens", metavar="BIN", help="uint16 token file for training (scripts/prepare_corpus.py) "
+                   "(default: none, train on --corpus)")
+    g.add_argument("--val-tokens", metavar="BIN", help="uint16 token file for validation (default: none)")
+    g.add_argument("--data-dir", metavar="DIR", help="DIR/train.bin and DIR/val.bin from scripts/prepare_corpus.py "
+                   "(default: none)")
     cli.add_batch_flags(g)
     g.add_argument("--stride", type=int, metavar="N", help="step between window starts (default: the context length)")
     g.add_argument("--train-ratio", type=float, metavar="X", help=f"share of a text corpus used for training (default: {d.train_ratio})")
@@ -74,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, metavar="N", help=f"passes over the training data (default: {d.epochs})")
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many optimizer steps (the lr schedule still "
-                   "spans all epochs, so a stopped run resumes exactly)")
+                   "spans all epochs, so a stopped run resumes exactly) (default: all epochs)")
     cli.add_step_flags(t)
 
     e = p.add_argument_group("evaluation")
@@ -84,22 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default: {d.start_context!r})")
 
     r = p.add_argument_group("run directory")
-    r.add_argument("--out", metavar="DIR", help="run directory (default: runs/<timestamp>)")
-    r.add_argument("--save-every", type=int, metavar="N", help="also checkpoint every this many steps (default: only at the end)")
+    r.add_argument("--out", metavar="DIR", help="run directory, new or empty (default: runs/<date>-<time>, e.g. "
+                   "runs/20250101-120000)")
+    r.add_argument("--save-every", type=int, metavar="N", help="also checkpoint every this many steps (default: 0, "
+                   "by time only)")
+    r.add_argument("--save-minutes", type=float, metavar="X", help="also checkpoint when this many minutes have "
+                   f"passed since the last save, 0 for never (default: {d.save_minutes:g}); Ctrl-C, SIGTERM and "
+                   "the end always save")
     r.add_argument("--keep", type=int, metavar="N", help=f"checkpoints to keep (default: {d.keep})")
-    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint to its end, "
-                   "with its settings (only --max-steps, --save-every, --keep, --no-progress and the device flags "
-                   "may be given: a run may resume on another mesh)")
-    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (or from step 0 "
+                   "if it has none) to its end, with its settings (only --max-steps, --save-every, --save-minutes, "
+                   "--keep, --no-progress and the device flags may be given: a run may resume on another mesh) "
+                   "(default: start a new run)")
+    r.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (default: a progress bar)")
 
     v = p.add_argument_group("devices")
     cli.add_mesh_flag(v)
     v.add_argument("--distributed", action="store_true", help="join a multi-host run whose settings jax detects "
-                   "(Cloud TPU pod slices, SLURM, Open MPI): start the same command on every host")
+                   "(Cloud TPU pod slices, SLURM, Open MPI): start the same command on every host (default: off)")
     v.add_argument("--coordinator", metavar="HOST:PORT", help="join a multi-host run: process 0's address and a free "
-                   "port (or set JAX_COORDINATOR_ADDRESS)")
-    v.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (or JAX_NUM_PROCESSES)")
-    v.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N-1 (or JAX_PROCESS_ID)")
+                   "port (default: JAX_COORDINATOR_ADDRESS, else a one-process run)")
+    v.add_argument("--num-processes", type=int, metavar="N", help="processes in the run (default: JAX_NUM_PROCESSES)")
+    v.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's index, 0 to N-1 (default: JAX_PROCESS_ID)")
+    v.add_argument("--peak-tflops", type=float, metavar="X", help="one device's peak TFLOPS, for the MFU in the "
+                   "progress bar and metrics.jsonl (default: the datasheet peak of known GPUs and TPUs for --dtype; "
+                   "none on CPU)")
     return p
 
 
@@ -113,17 +130,62 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum  # the shell's code for a death by that signal: 130 for SIGINT, 143 for SIGTERM
     except KeyboardInterrupt:
-        print("interrupted: continue from the last checkpoint (see --save-every) with --resume RUN_DIR",
+        print("aborted: continue from the run's last checkpoint with python -m gptjax.train --resume RUN_DIR",
               file=sys.stderr)
         return 130
     return 0
+
+
+class Stopped(Exception):
+    """The run stopped on SIGINT or SIGTERM, after saving; the message says how to continue it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (how clusters and preemptible VMs stop jobs) only ask the
+    training loop to stop after the step under way, and save; a second one aborts at once.
+
+    Only in the main thread of a one-process run: in a multi-host run the processes would stop at different
+    steps and wait for each other's checkpoint shards forever, so there the signals keep their usual effect
+    (--save-every bounds the loss)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.active = threading.current_thread() is threading.main_thread() and jax.process_count() == 1
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.active:
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint (again to abort "
+              "at once, without saving)", file=sys.stderr, flush=True)
 
 
 def run(args: dict[str, Any]) -> Path:
     """Train as the parsed flags say (only those given are in ``args``); returns the run directory."""
     start = time.time()
     progress = args.get("progress", True)
+    if not args.get("peak_tflops", 1.0) > 0:
+        raise ValueError(f"--peak-tflops must be a positive number of TFLOPS, got {args['peak_tflops']}")
     resuming = "resume" in args
     sharding.initialize_distributed(args.get("coordinator"), args.get("num_processes"), args.get("process_id"),
                                     auto=args.get("distributed", False))
@@ -147,8 +209,15 @@ def run(args: dict[str, Any]) -> Path:
         if n_steps != steps_at_start:
             raise ValueError(f"the training data now gives {n_steps} steps per epoch, not {steps_at_start} as "
                              f"when {run_dir} started: its data changed, so the run cannot resume exactly")
-        params, opt_state, position, key = _restore(run_dir, cfg, optimizer, mesh)
-        _log(f"resuming {run_dir} at step {position.step}")
+        if latest_step(run_dir) is None:  # stopped before its first save: start it again as it started
+            _log(f"{run_dir} has no checkpoint yet: starting it again from step 0 with its settings")
+            init_key, key = run_keys(tcfg.seed)
+            params, opt_state = _init_state(cfg, optimizer, init_key, _init_from(data, cfg), mesh)
+            position = Position()
+            _trim_logs(run_dir, position.step)
+        else:
+            params, opt_state, position, key = _restore(run_dir, cfg, optimizer, mesh)
+            _log(f"resuming {run_dir} at step {position.step}")
     else:
         init_key, key = run_keys(tcfg.seed)
         params, opt_state = _init_state(cfg, optimizer, init_key, params, mesh)
@@ -156,7 +225,7 @@ def run(args: dict[str, Any]) -> Path:
     train_step = None  # the loop's own single-device step
     if mesh is not None:
         jit_kwargs = sharding.train_step_jit_kwargs(mesh, cfg, optimizer, tcfg.grad_accum)
-        train_step = make_train_step(cfg, optimizer, **train_step_options(tcfg), jit_kwargs=jit_kwargs)
+        train_step = make_train_step(cfg, optimizer, **train_step_options(tcfg), jit_kwargs=jit_kwargs, mesh=mesh)
         train_loader, val_loader = sharding.ShardedLoader(train_loader, mesh), sharding.ShardedLoader(val_loader, mesh)
     if sharding.is_main_process():
         _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader)
@@ -167,22 +236,39 @@ def run(args: dict[str, Any]) -> Path:
         _log(f"devices: mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
              f"{jax.process_count()} process(es)")
 
-    hooks = RunWriter(run_dir, cfg, key, tcfg.keep)
+    signals = StopSignals()
+    hooks = RunWriter(run_dir, cfg, key, tcfg, signals)
     try:
-        result = train_model_simple(
-            params, cfg, train_loader, val_loader, tcfg, optimizer=optimizer, opt_state=opt_state,
-            train_step=train_step, start=position, key=key, hooks=hooks, progress=progress,
-        )
+        with signals:
+            result = train_model_simple(
+                params, cfg, train_loader, val_loader, tcfg, optimizer=optimizer, opt_state=opt_state,
+                train_step=train_step, start=position, key=key, hooks=hooks, progress=progress,
+                peak_tflops=args.get("peak_tflops"),
+            )
     finally:
         hooks.close()
         if sharding.is_main_process():
             plot_run(run_dir)
+    planned = min(tcfg.epochs * n_steps, tcfg.max_steps or tcfg.epochs * n_steps)
+    if signals.signum is not None and result.position.step < planned:
+        until = f" --max-steps {tcfg.max_steps}" if tcfg.max_steps else ""  # a resumed run otherwise runs to its end
+        raise Stopped(signals.signum, f"stopped by {signal.Signals(signals.signum).name} after step "
+                      f"{result.position.step}, with a checkpoint there; continue with: python -m gptjax.train "
+                      f"--resume {shlex.quote(str(run_dir))}{until}")
     history = result.history
     if history.train_losses:
         _log(f"last evaluation: train loss {history.train_losses[-1]:.3f}, val loss {history.val_losses[-1]:.3f}")
     _log(f"done: {result.position.step} steps, {result.position.tokens_seen:,} tokens seen, "
-         f"{time.time() - start:.1f}s; run directory {run_dir}")
+         f"{time.time() - start:.1f}s{_average_speed(result.speed)}; run directory {run_dir}")
     return run_dir
+
+
+def _average_speed(speed: dict) -> str:
+    """The run's average tokens/s (and MFU where known) for the last line; empty if no step ran."""
+    if speed.get("tokens_per_sec") is None:
+        return ""
+    mfu = "" if speed["mfu"] is None else f", MFU {100 * speed['mfu']:.1f}%"
+    return f", {speed['tokens_per_sec']:,.0f} tokens/s on average{mfu}"
 
 
 def _log(message: str) -> None:
@@ -213,11 +299,13 @@ def _init_state(cfg: GPTConfig, optimizer, key: jax.Array, params: Params | None
 
 
 class RunWriter(TrainHooks):
-    """Appends each event to the run directory and saves checkpoints."""
+    """Appends each event to the run directory and saves checkpoints: when the loop saves, and also every
+    ``tcfg.save_minutes`` and when ``signals`` asks the run to stop."""
 
-    def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, keep: int):
-        self.run_dir, self.cfg, self.key = run_dir, cfg, key
-        self.manager = checkpoint_manager(run_dir, keep)  # every process saves its shards
+    def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, tcfg: TrainConfig, signals: "StopSignals"):
+        self.run_dir, self.cfg, self.key, self.signals = run_dir, cfg, key, signals
+        self.save_seconds, self.last_save = 60 * tcfg.save_minutes, time.monotonic()
+        self.manager = checkpoint_manager(run_dir, tcfg.keep)  # every process saves its shards
         # Only process 0 logs. Line-buffered appends: a killed run leaves whole lines (resume drops any past
         # its checkpoint).
         self.logs = sharding.is_main_process()
@@ -238,6 +326,15 @@ class RunWriter(TrainHooks):
 
     def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
         save_checkpoint(self.manager, position, params, opt_state, self.key, self.cfg)
+        self.last_save = time.monotonic()
+
+    def save_due(self, position: Position) -> bool:
+        # Every process must agree (each writes its shards): in a multi-host run only steps decide.
+        return (self.save_seconds > 0 and jax.process_count() == 1
+                and time.monotonic() - self.last_save >= self.save_seconds)
+
+    def stop_requested(self) -> bool:
+        return self.signals.signum is not None
 
     def close(self) -> None:
         if self.logs:
@@ -255,15 +352,14 @@ def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params
     tcfg = cli.train_config(args)
     overrides = cli.model_overrides(args)
     if "init_from" in args:
-        from gptjax.weights import load_weights
-
-        explicit = "preset" in args or any(k != "drop_rate" for k in overrides)
-        base = cli.model_config(args) if explicit else None
-        params, cfg = load_weights(args["init_from"], cfg=base)
-        for k, v in overrides.items():
-            if k != "drop_rate" and getattr(cfg, k) != v:
-                raise ValueError(f"--{k.replace('_', '-')} {v} does not match the weights in {args['init_from']} "
-                                 f"({k}={getattr(cfg, k)}); drop the flag")
+        params, cfg = cli.load_weights_flag(args["init_from"], args.get("n_heads"), flag_name="--init-from")
+        given = cli.model_config(args) if "preset" in args else None
+        for k in ARCH_FIELDS:
+            want = overrides.get(k, getattr(given, k, None))
+            if want is not None and getattr(cfg, k) != want:
+                raise ValueError(f"{cli.flag(k) if k in overrides else '--preset ' + args['preset']} ({k}={want!r}) "
+                                 f"does not match the weights in {args['init_from']} ({k}={getattr(cfg, k)!r}); "
+                                 "drop the flag")
         if "drop_rate" in overrides:
             cfg = cfg.replace(drop_rate=overrides["drop_rate"])
     else:
@@ -284,8 +380,6 @@ def _resume_settings(args: dict[str, Any]) -> tuple[Path, GPTConfig, TrainConfig
         raise ValueError(f"{flags} cannot change when resuming: the run's settings come from {run_dir / CONFIG}; "
                          "start a new run (--init-from the old one) to change them")
     config = _read_config(run_dir)
-    if latest_step(run_dir) is None:
-        raise ValueError(f"{run_dir} has no finished checkpoint to resume from; start a new run instead")
     # A stored --max-steps was where the run was told to stop: resuming runs on to the end unless given again.
     given = {k: args[k] for k in RESUME_OVERRIDES if k in args and k in TrainConfig.__dataclass_fields__}
     overrides = {"max_steps": None, **given}
@@ -297,12 +391,24 @@ def _restore(run_dir: Path, cfg: GPTConfig, optimizer,
              mesh: Mesh | None) -> tuple[Params, OptState, Position, jax.Array]:
     # Into the shardings of the current mesh, whatever mesh wrote the checkpoint.
     params, opt_state, position, key = restore_checkpoint(run_dir, *sharding.abstract_state(cfg, optimizer, mesh))
-    if not sharding.is_main_process():
-        return params, opt_state, position, key
-    # Events after the checkpoint belong to a run that was then lost: they will happen again.
-    _trim_lines(run_dir / METRICS, position.step, lambda line: json.loads(line)["step"])
-    _trim_lines(run_dir / SAMPLES, position.step, lambda line: int(re.match(r"Ep \d+ \(Step (\d+)\)", line)[1]))
+    _trim_logs(run_dir, position.step)
     return params, opt_state, position, key
+
+
+def _trim_logs(run_dir: Path, step: int) -> None:
+    """Events from ``step`` on belong to a run that was then lost: they will happen again."""
+    if sharding.is_main_process():
+        _trim_lines(run_dir / METRICS, step, lambda line: json.loads(line)["step"])
+        _trim_lines(run_dir / SAMPLES, step, lambda line: int(re.match(r"Ep \d+ \(Step (\d+)\)", line)[1]))
+
+
+def _init_from(data: dict, cfg: GPTConfig) -> Params | None:
+    """The --init-from weights a run started from (None: it started from its seed)."""
+    if not data.get("init_from"):
+        return None
+    from gptjax.weights import load_weights
+
+    return load_weights(data["init_from"], cfg=cfg)[0]
 
 
 def _read_config(run_dir: Path) -> dict:
@@ -391,8 +497,21 @@ def _make_run_dir(out: str | None) -> Path:
 def _check_out(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--out {run_dir} is a file; give a directory")
-    if (run_dir / METRICS).exists() or (run_dir / "checkpoints").exists():
+    if _holds_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ValueError(f"--out {run_dir} is a folder with other files in it, not a gptjax run; give a new or "
+                         "empty folder (a run writes several files there)")
+
+
+def _holds_run(run_dir: Path) -> bool:
+    if (run_dir / METRICS).exists() or (run_dir / CHECKPOINTS).exists():
+        return True
+    try:
+        _read_config(run_dir)  # a run stopped before its first step
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def _write_config(run_dir: Path, cfg: GPTConfig, tcfg: TrainConfig, data: dict, n_steps: int,

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import itertools
 import math
+from time import perf_counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from gptjax import platform
 from gptjax.config import GPTConfig
+from gptjax.flops import Throughput, device_peak_flops, flops_per_token
 from gptjax.model import Params, apply
 
 OptState = Any
@@ -106,7 +109,8 @@ class TrainConfig:
     shuffle: bool = True
     dtype: str = "float32"  # matmul compute dtype of the train step: "float32" or "bfloat16" (mixed precision)
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
-    save_every: int = 0  # 0: save only at the end
+    save_every: int = 0  # 0: no step-based saves (the end, --save-minutes and a stop request still save)
+    save_minutes: float = 10.0  # also save when this long has passed since the last save; 0: never by time
     keep: int = 3
 
     def __post_init__(self) -> None:
@@ -117,7 +121,7 @@ class TrainConfig:
         for name in ("stride", "max_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every"):
+        for name in ("warmup_steps", "save_every", "save_minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.train_ratio < 1.0:
@@ -209,6 +213,7 @@ def make_train_step(
     dtype: Any = jnp.float32,
     remat: bool = False,
     jit_kwargs: dict[str, Any] | None = None,
+    mesh: Any = None,
 ) -> TrainStep:
     """The jitted step ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
@@ -218,13 +223,20 @@ def make_train_step(
     norm and the ``lr`` used. ``dtype`` (``jnp.bfloat16``: mixed precision) and ``remat`` are the
     model's compute options (:func:`gptjax.model.apply`). ``jit_kwargs`` (e.g. ``in_shardings``/
     ``out_shardings`` for a mesh) go to ``jax.jit`` on top of the donation of params and optimizer
-    state, whose buffers the update reuses.
+    state, whose buffers the update reuses. ``mesh``, the mesh of those shardings, keeps the model's
+    activations split over its batch axes (:func:`gptjax.sharding.split_over_batch`).
     """
     grad_fn = jax.value_and_grad(
         lambda p, x, y, k: calc_loss_batch(p, cfg, x, y, train=True, rng=k, dtype=dtype, remat=remat)
     )
 
     def train_step(params, opt_state, batch, key):
+        if mesh is None:
+            return step(params, opt_state, batch, key)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(params, opt_state, batch, key)
+
+    def step(params, opt_state, batch, key):
         inputs, targets = batch
         if grad_accum == 1:
             loss, grads = grad_fn(params, inputs, targets, key)
@@ -255,21 +267,9 @@ def make_train_step(
 
 
 def global_norm(tree: Any) -> jax.Array:
-    """The L2 norm of all leaves together (``optax.tree.norm``), each matrix's sum of squares taken as a
-    matrix-vector product.
-
-    On XLA:CPU a plain reduction over the output head's [768, 50257] gradient becomes a YNNPACK reduce
-    that, run beside the rest of the backward pass, stalls a core: 0.9 s of a 3.2 s GPT_CONFIG_124M step
-    (benchmarks/NOTES.md). The matvec is an ordinary GEMV there; HIGHEST keeps it float32 on GPUs too."""
-
-    def sum_of_squares(x: jax.Array) -> jax.Array:
-        x = jnp.square(x.astype(jnp.float32))
-        if x.ndim < 2:
-            return jnp.sum(x)
-        ones = jnp.ones((x.shape[-1],), jnp.float32)
-        return jnp.sum(jnp.matmul(x.reshape(-1, x.shape[-1]), ones, precision=jax.lax.Precision.HIGHEST))
-
-    return jnp.sqrt(sum(sum_of_squares(x) for x in jax.tree_util.tree_leaves(tree)))
+    """The L2 norm of all leaves together (``optax.tree.norm``), each leaf's sum of squares taken as
+    :func:`gptjax.platform.sum_of_squares` takes it (a matrix-vector product on CPU)."""
+    return jnp.sqrt(sum(platform.sum_of_squares(x) for x in jax.tree_util.tree_leaves(tree)))
 
 
 def train_step_options(tcfg: TrainConfig) -> dict[str, Any]:
@@ -322,6 +322,7 @@ class TrainResult:
     opt_state: OptState
     position: Position
     history: History
+    speed: dict[str, float | None] = field(default_factory=dict)  # the run's average tokens_per_sec and mfu
 
 
 class NonFiniteLossError(RuntimeError):
@@ -332,7 +333,8 @@ class TrainHooks:
     """Receives a run's events; the default ignores them. :mod:`gptjax.train` writes them to the run directory."""
 
     def on_step(self, record: dict) -> None:
-        """One optimizer step: step, epoch, loss, tokens_seen, lr, grad_norm."""
+        """One optimizer step: step, epoch, loss, tokens_seen, lr, grad_norm, tokens_per_sec and mfu (None
+        where the devices' peak is unknown)."""
 
     def on_eval(self, record: dict) -> None:
         """One evaluation: step, epoch, tokens_seen, train_loss, val_loss."""
@@ -341,7 +343,16 @@ class TrainHooks:
         """The greedy sample printed after each epoch."""
 
     def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
-        """Save now (every ``save_every`` steps and at the end); the loss up to here is finite."""
+        """Save now (every ``save_every`` steps, when :meth:`save_due`, when stopping, and at the end); the
+        loss up to here is finite."""
+
+    def save_due(self, position: Position) -> bool:
+        """Asked after each step (on the host, without waiting for the device): save here too?"""
+        return False
+
+    def stop_requested(self) -> bool:
+        """Asked after each step: stop here (after saving), as when the process got SIGINT or SIGTERM?"""
+        return False
 
 
 def evaluate_model(
@@ -429,6 +440,7 @@ def train_model_simple(
     key: jax.Array | None = None,
     hooks: TrainHooks | None = None,
     progress: bool = True,
+    peak_tflops: float | None = None,
 ) -> TrainResult:
     """The book's training loop over ``tcfg.epochs`` epochs (or until ``tcfg.max_steps`` steps are done).
 
@@ -437,11 +449,16 @@ def train_model_simple(
     ``start`` (with the matching ``params``, ``opt_state`` and ``key``) continues a saved run exactly:
     the data order depends only on (seed, epoch), and step ``s`` uses dropout key ``fold_in(key, s)``.
     Raises :class:`NonFiniteLossError` as soon as a loss is NaN or infinite, before any further save.
+    When ``hooks.stop_requested()`` turns true, the step under way finishes, is saved, and the loop returns.
     ``params`` and ``opt_state`` are donated to the jitted step (their buffers are reused): keep
     working with the returned ones.
 
     On a mesh (:mod:`gptjax.sharding`), pass sharded ``params`` and ``opt_state``, a ``train_step`` built
     with the mesh's shardings and :class:`~gptjax.sharding.ShardedLoader` loaders; the loop is the same.
+
+    Each step's tokens/s and MFU (:mod:`gptjax.flops`) go to the progress bar and the step records; the
+    result's ``speed`` is the run's average. ``peak_tflops`` is one device's peak for MFU (default: the
+    datasheet figure of known GPUs and TPUs for ``tcfg.dtype``; none on CPU).
     """
     n_steps = steps_per_epoch(train_loader, tcfg.grad_accum)
     if n_steps == 0:
@@ -465,12 +482,22 @@ def train_model_simple(
 
     history = History()
     pos = start
-    pending: list[tuple[dict, dict]] = []  # the dispatched step whose metrics are not read yet
+    pending: list[tuple[dict, dict, int, float]] = []  # the dispatched step whose metrics are not read yet
+    peak = device_peak_flops(jax.tree_util.tree_leaves(params)[0].sharding.device_set, tcfg.dtype, peak_tflops)
+    speed: Throughput | None = None  # made at the first batch, whose length the attention FLOPs depend on
+    last_read = -math.inf  # when the latest metrics arrived, i.e. (nearly) when their step ended
+    stop = False  # hooks.stop_requested(): save and return early
 
     def report_pending() -> None:
-        for record, metrics in pending:
+        nonlocal last_read
+        for record, metrics, tokens, dispatched in pending:
             # float32 values as their shortest decimal form: exact, and readable in metrics.jsonl.
             metrics = {k: float(str(np.float32(v))) for k, v in jax.device_get(metrics).items()}
+            # Timed by the reads the loop makes anyway: a step runs from the end of the one before it (or from
+            # its dispatch, after an evaluation, sample or save) until its metrics can be read.
+            now = perf_counter()
+            step_speed = speed.step(tokens, now - max(last_read, dispatched))
+            last_read = now
             loss, grad_norm = metrics["loss"], metrics["grad_norm"]
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise NonFiniteLossError(
@@ -478,10 +505,10 @@ def train_model_simple(
                     f"{record['epoch']}: training diverged, so it stopped without saving; the last good "
                     "checkpoint is kept. Try a lower --lr, --grad-clip 1.0 or --warmup-steps"
                 )
-            record = {**record, "loss": loss, "lr": metrics["lr"], "grad_norm": grad_norm}
+            record = {**record, "loss": loss, "lr": metrics["lr"], "grad_norm": grad_norm, **_rounded(step_speed)}
             history.step_losses.append(loss)
             hooks.on_step(record)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            bar.set_postfix({"loss": f"{loss:.3f}", **_speed_postfix(step_speed, speed.average())}, refresh=False)
         pending.clear()
 
     main_process = jax.process_index() == 0  # in a multi-host run, only process 0 prints
@@ -495,11 +522,15 @@ def train_model_simple(
                                        last_step - pos.step)
             for batch in prefetch_to_device(batches):
                 step = pos.step
+                if speed is None:
+                    speed = Throughput(flops_per_token(cfg, batch[0].shape[-1]), peak)
                 params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
+                dispatched = perf_counter()
                 report_pending()  # the previous step's metrics: finished by now, or nearly
                 tokens_seen = pos.tokens_seen + int(batch[0].size)  # the global batch, on many hosts too
                 pos = Position(step + 1, epoch, pos.batch + tcfg.grad_accum, tokens_seen)
-                pending.append(({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen}, metrics))
+                pending.append(({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen}, metrics,
+                                int(batch[0].size), dispatched))
                 bar.update(1)
 
                 if step % tcfg.eval_freq == 0:
@@ -522,14 +553,35 @@ def train_model_simple(
                         hooks.on_sample(epoch + 1, step, text)
                     pos = Position(pos.step, epoch + 1, 0, pos.tokens_seen)
 
-                if pos.step == last_step or (tcfg.save_every and pos.step % tcfg.save_every == 0):
+                stop = hooks.stop_requested()
+                if (pos.step == last_step or (tcfg.save_every and pos.step % tcfg.save_every == 0) or stop
+                        or hooks.save_due(pos)):
                     report_pending()
                     hooks.on_checkpoint(pos, params, opt_state)
-                if pos.step >= last_step or pos.epoch != epoch:
+                if pos.step >= last_step or pos.epoch != epoch or stop:
                     break
             else:  # the loader ran out before the epoch's last step: a loader shorter than it claims
                 pos = Position(pos.step, epoch + 1, 0, pos.tokens_seen)
+            if stop:
+                break
         report_pending()
     finally:
         bar.close()
-    return TrainResult(params, opt_state, pos, history)
+    return TrainResult(params, opt_state, pos, history, {} if speed is None else _rounded(speed.average()))
+
+
+def _rounded(speed: dict[str, float | None]) -> dict[str, float | None]:
+    """Tokens/s to 0.1 and MFU to 4 significant digits: what a timing on a busy host supports."""
+    rate, mfu = speed["tokens_per_sec"], speed["mfu"]
+    return {"tokens_per_sec": None if rate is None else round(rate, 1),
+            "mfu": None if mfu is None else float(f"{mfu:.4g}")}
+
+
+def _speed_postfix(step: dict[str, float | None], run: dict[str, float | None]) -> dict[str, str]:
+    """The progress bar's speed: this step's tokens/s, the run's average, and MFU where it is known."""
+    if step["tokens_per_sec"] is None:
+        return {}
+    postfix = {"tok/s": f"{step['tokens_per_sec']:,.0f}", "avg": f"{run['tokens_per_sec']:,.0f}"}
+    if step["mfu"] is not None:
+        postfix["mfu"] = f"{100 * step['mfu']:.1f}%"
+    return postfix

@@ -62,8 +62,10 @@ def test_save_params_round_trip_keeps_int_keys(params, tmp_path):
     assert cfg == CFG
     assert 0 in loaded["trf_blocks"] and 2 in loaded["trf_blocks"][0]["ff"]["layers"]
     assert_same_tree(loaded, params)
-    # Overwriting an earlier save replaces it.
-    save_params(jax.tree_util.tree_map(lambda x: x * 2, params), CFG, tmp_path / "w")
+    # Overwriting an earlier save needs overwrite=True, and replaces it.
+    with pytest.raises(ValueError, match=r"w already exists; pass --overwrite \(overwrite=True in Python\)"):
+        save_params(params, CFG, tmp_path / "w")
+    save_params(jax.tree_util.tree_map(lambda x: x * 2, params), CFG, tmp_path / "w", overwrite=True)
     assert_same_tree(load_params(tmp_path / "w")[0], jax.tree_util.tree_map(lambda x: x * 2, params))
     assert sorted(os.listdir(tmp_path)) == ["w"]
 
@@ -71,9 +73,17 @@ def test_save_params_round_trip_keeps_int_keys(params, tmp_path):
 def test_save_params_refuses_to_replace_something_else(params, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="is not a gptjax parameter directory"):
+    with pytest.raises(ValueError, match="notes already exists; pass --overwrite"):
         save_params(params, CFG, tmp_path / "notes")
+    save_params(params, CFG, tmp_path / "notes", overwrite=True)  # beside the user's file, which stays
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"
+    assert_same_tree(load_params(tmp_path / "notes")[0], params)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}')  # someone else's config.json
+    with pytest.raises(ValueError, match="holds a config.json that is not from weights of this format"):
+        save_params(params, CFG, tmp_path / "hf", overwrite=True)
+    assert (tmp_path / "hf" / "config.json").read_text() == '{"model_type": "gpt2"}'
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json"]
 
 
 def test_run_checkpoints_restore_exactly(params, tmp_path):

@@ -104,7 +104,20 @@ def test_size_mismatch_fails_and_leaves_no_file(server, tmp_path):
     with pytest.raises(ValueError, match=r"could not download checkpoint of GPT-2 124M: tried "
                                          r"http://127\.0\.0\.1:\d+/liar/124M/checkpoint \(size mismatch"):
         download_gpt2("124M", tmp_path, base_urls=[f"{server}/liar"], progress=False)
-    assert list((tmp_path / "124M").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # nothing fetched: the folder it made is gone again
+
+
+def test_failed_download_removes_only_the_empty_folders_it_made(server, tmp_path):
+    with pytest.raises(ValueError, match="could not download checkpoint"):
+        download_gpt2("124M", tmp_path / "models" / "gpt2", base_urls=[f"{server}/missing"], progress=False)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "gpt2" / "124M").mkdir(parents=True)  # the user's own folder stays, even empty
+    with pytest.raises(ValueError, match="could not download checkpoint"):
+        download_gpt2("124M", tmp_path / "gpt2", base_urls=[f"{server}/missing"], progress=False)
+    assert (tmp_path / "gpt2" / "124M").is_dir()
+    with pytest.raises(ValueError, match="could not download"):  # a partial file stays, for resuming
+        download_gpt2("124M", tmp_path / "new", base_urls=[f"{server}/short"], progress=False)
+    assert [p.name for p in (tmp_path / "new" / "124M").iterdir()] == ["checkpoint.part"]
 
 
 def test_transfer_that_keeps_breaking_off_fails_but_keeps_the_part(server, tmp_path):
@@ -127,5 +140,8 @@ def test_cli(server, tmp_path, capsys):
     assert download_main(["--model-size", "355M", "--models-dir", str(tmp_path), "--base-urls", f"{server}/ok"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not download checkpoint of GPT-2 355M") and "/ok/355M/checkpoint (HTTP 404" in err
+    assert not (tmp_path / "355M").exists()
+    assert download_main(["--model-size", "124M", "--retries", "0"]) == 2
+    assert capsys.readouterr().err == "error: --retries must be at least 1, got 0\n"
     with pytest.raises(SystemExit):
         download_main(["--model-size", "7B"])

@@ -73,7 +73,40 @@ def test_bad_settings(weights, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("Every effort moves you forward. " * 12)
     assert main(["--weights", str(path), "--corpus", str(short)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: val split: ") and "smaller --context-length" in err
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("error: val split: ") and "smaller --context-length" in err and "max_length" not in err
     assert main(["--weights", str(tmp_path / "none.pth")]) == 2
     assert "none.pth" in capsys.readouterr().err
+    # Settings are checked in the flags' words before the weights load (a missing file would be found later).
+    missing = str(tmp_path / "none.pth")
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                           (["--train-ratio", "1.5"], "--train-ratio must be between 0 and 1"),
+                           (["--context-length", "0"], "--context-length must be at least 1, got 0")):
+        assert main(["--weights", missing, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_says_which_checkpoint_step_it_evaluated(tmp_path, capsys):
+    import jax
+
+    from gptjax.checkpoint import checkpoint_manager, save_checkpoint
+    from gptjax.model import init_params
+    from gptjax.training import Position, TrainConfig, init_opt_state, make_optimizer
+
+    cfg = CFG.replace(qkv_bias=False)
+    params = init_params(cfg, seed=0)
+    opt_state = init_opt_state(make_optimizer(TrainConfig(), 10), params)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    manager = checkpoint_manager(tmp_path / "run")
+    for step in (3, 7):
+        save_checkpoint(manager, Position(step=step), params, opt_state, jax.random.key(0), cfg)
+    manager.close()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(load_default_corpus()[:3000])
+    assert main(["--weights", str(tmp_path / "run"), "--corpus", str(corpus), "--context-length", "16"]) == 0
+    assert "(checkpoint at step 7)" in capsys.readouterr().out
+    step3 = tmp_path / "run" / "checkpoints" / "3"
+    assert main(["--weights", str(step3), "--corpus", str(corpus), "--context-length", "16"]) == 0
+    assert "(checkpoint at step 3)" in capsys.readouterr().out

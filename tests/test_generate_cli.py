@@ -50,8 +50,24 @@ def test_greedy_matches_the_torch_reference(capsys, torch_pth):
     code, out, err = run(capsys, "--weights", path, "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0")
     ids = torch.tensor(np.asarray(text_to_token_ids(PROMPT)), dtype=torch.long)
     want = token_ids_to_text(generate_text_simple(model, ids, 8, CFG.context_length).numpy())
-    assert code == 0 and err == ""
-    assert out == want + "\n"
+    assert code == 0 and out == want + "\n"
+    # A .pth without its config: one notice with the head count assumed and how to override it.
+    assert err == (f"note: torch checkpoint {path} holds no head count: assuming 1 head of 64 (GPT-2's head size); "
+                   "if that is wrong, pass --n-heads N on the command line (cfg= in Python)\n")
+    code, out2, err = run(capsys, "--weights", path, "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0",
+                          "--n-heads", "1")
+    assert (code, out2, err) == (0, out, "")
+
+
+def test_prompt_longer_than_the_context_gets_one_notice(capsys, torch_pth):
+    _, path = torch_pth
+    long_prompt = " ".join(["word"] * (CFG.context_length + 8))
+    n = text_to_token_ids(long_prompt).shape[1]
+    code, out, err = run(capsys, "--weights", path, "--prompt", long_prompt, "--max-new-tokens", "2",
+                         "--temperature", "0", "--n-heads", "1")
+    assert code == 0 and out.startswith(long_prompt)
+    assert err == (f"note: the prompt is {n} tokens, longer than the model's context of {CFG.context_length}: the "
+                   f"model sees only its last {CFG.context_length} (as in the book)\n")
 
 
 def test_sampling_defaults_are_seeded(capsys, torch_pth):
@@ -73,18 +89,24 @@ def test_eos_flag_stops_generation(capsys, eos_pth):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--top-k", "-2"], "--top-k must be >= 0"),
-        (["--max-new-tokens", "-1"], "max_new_tokens must be an integer >= 0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--temperature", "-1"], "--temperature must be at least 0 (0 is greedy), got -1.0"),
+        (["--top-k", "-2"], "--top-k must be between 0 (off) and the vocabulary size 50257, got -2"),
+        (["--top-k", "999999"], "--top-k must be between 0 (off) and the vocabulary size 50257, got 999999"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 0, got -1"),
         (["--prompt", ""], "--prompt is empty"),
     ],
 )
-def test_bad_settings_are_one_line_errors(capsys, torch_pth, extra, message):
+def test_bad_settings_are_one_line_errors(capsys, torch_pth, extra, message, monkeypatch):
     _, path = torch_pth
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the settings were checked")
+
+    monkeypatch.setattr("gptjax.weights.load_weights", no_loading)
     code, out, err = run(capsys, "--weights", path, "--prompt", PROMPT, *extra)
     assert code == 2 and out == ""
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_missing_weights_path_from_the_command_line(tmp_path):
@@ -95,4 +117,5 @@ def test_missing_weights_path_from_the_command_line(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("error: ") and str(missing) in proc.stderr and "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]  # after any import-time noise of jax's plugins
+    assert last.startswith("error: ") and str(missing) in last and "Traceback" not in proc.stderr

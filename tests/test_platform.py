@@ -106,7 +106,7 @@ def test_one_function_lowered_for_two_platforms_gets_each_its_own():
     ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
     traced = jax.jit(lambda p, x: gptjax.apply(p, CFG, x)).trace(params, ids)
     fused_shape = f"tensor<2x16x{3 * CFG.emb_dim}xf32>"
-    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    cpu, cuda, tpu = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu"))
     assert fused_shape not in cpu and "tensor<2x16x256xf32>" not in cpu
     assert fused_shape in cuda and "tensor<2x16x256xf32>" in cuda  # fused QKV, padded vocabulary
+    assert fused_shape in tpu and "tensor<2x16x256xf32>" not in tpu  # fused QKV, vocabulary as it is

@@ -35,6 +35,13 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+TIMING = ("tokens_per_sec", "mfu")  # measured, so never the same twice
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
 def train_cli(*args):
     return main([*TINY, *map(str, args)])
 
@@ -43,7 +50,7 @@ def train_cli(*args):
 def full_run(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
     assert train_cli("--corpus", corpus, "--epochs", 2, "--eval-freq", 3, "--eval-iter", 2, "--save-every", 4,
-                     "--out", out) == 0
+                     "--out", out, "--peak-tflops", 0.001) == 0
     return out
 
 
@@ -61,7 +68,8 @@ def test_run_directory_has_every_file(full_run, corpus):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in steps] == list(range(2 * n))
-    assert set(steps[0]) == {"step", "epoch", "loss", "tokens_seen", "lr", "grad_norm"}
+    assert set(steps[0]) == {"step", "epoch", "loss", "tokens_seen", "lr", "grad_norm", *TIMING}
+    assert all(r["tokens_per_sec"] > 0 and 0 < r["mfu"] for r in steps)  # against --peak-tflops
     assert [r["epoch"] for r in steps] == [1] * n + [2] * n
     assert [r["tokens_seen"] for r in steps] == [32 * (s + 1) for s in range(2 * n)]
     assert all(r["lr"] == pytest.approx(4e-4) for r in steps)
@@ -94,8 +102,10 @@ def test_stop_and_resume_is_bitwise_identical(full_run, corpus, tmp_path, capsys
     assert len((out / "samples.txt").read_text().splitlines()) == 1
     capsys.readouterr()
     assert main(["--resume", str(out), "--no-progress"]) == 0
-    assert "resuming" in capsys.readouterr().out
-    assert (out / "metrics.jsonl").read_text() == (full_run / "metrics.jsonl").read_text()
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "tokens/s on average" in printed.splitlines()[-1]
+    assert all(r["mfu"] is None for r in read_jsonl(out / "metrics.jsonl") if "loss" in r)  # no peak known for a CPU
+    assert without_timing(read_jsonl(out / "metrics.jsonl")) == without_timing(read_jsonl(full_run / "metrics.jsonl"))
     assert (out / "samples.txt").read_text() == (full_run / "samples.txt").read_text()
     for a, b in zip(jax.tree_util.tree_leaves(load_params(out)[0]), jax.tree_util.tree_leaves(load_params(full_run)[0])):
         np.testing.assert_array_equal(a, b)
@@ -190,6 +200,8 @@ def test_bad_input_is_a_one_line_error(corpus, full_run, tmp_path, capsys):
     assert "--lr cannot change" in run_error(capsys, "--resume", full_run, "--lr", "0.1")
     assert "not a gptjax run directory" in run_error(capsys, "--resume", tmp_path)
     assert "prepare_corpus" in run_error(capsys, *TINY, "--data-dir", tmp_path, "--out", tmp_path / "g")
+    assert "--peak-tflops" in run_error(capsys, *TINY, "--corpus", corpus, "--peak-tflops", "0", "--out", tmp_path / "h")
+    assert not (tmp_path / "h").exists()
     assert "--train-tokens" in run_error(capsys, *TINY, "--train-tokens", tmp_path / "x.bin", "--out", tmp_path / "h")
 
 

@@ -17,7 +17,7 @@ from gptjax import GPTConfig, get_config
 from gptjax.convert import main as convert_main
 from gptjax.weights import detect_format, load_weights, save_weights
 from gptjax.weights.hf import hf_table
-from gptjax.weights.mapping import params_from_tensors
+from gptjax.weights.mapping import AssumedHeadsWarning, params_from_tensors
 from gptjax.weights.openai import book_params, openai_table, openai_to_params
 from tests.torch_reference import GPTModel as TorchGPTModel
 from tests.torch_reference import randomize_
@@ -99,8 +99,8 @@ def test_pth_config_from_shapes_sidecar_or_given(tmp_path, params):
         load_weights(path)
     (tmp_path / "config.json").write_text(json.dumps(CFG.replace(drop_rate=0.0).to_dict()))  # the book's dict
     assert load_weights(path)[1] == CFG.replace(drop_rate=0.0)
-    (tmp_path / "config.json").write_text(json.dumps(CFG.replace(n_layers=3).to_dict()))
-    with pytest.raises(ValueError, match=r"config.json beside it\): the weights have n_layers=2 but the given"):
+    (tmp_path / "config.json").write_text(json.dumps(CFG.replace(n_layers=3).to_dict()))  # another model's
+    with pytest.raises(ValueError, match=r"model.pth: the head count cannot be read"):  # so not this file's
         load_weights(path)
     with pytest.raises(ValueError, match="the weights have context_length=32 but the given config has context_length=64"):
         load_weights(path, cfg=CFG.replace(context_length=64))
@@ -108,13 +108,14 @@ def test_pth_config_from_shapes_sidecar_or_given(tmp_path, params):
     gpt2_like = GPTConfig(vocab_size=50, context_length=8, emb_dim=128, n_layers=1, n_heads=2, qkv_bias=False)
     (tmp_path / "other").mkdir()
     torch.save(TorchGPTModel(gpt2_like.to_dict()).state_dict(), tmp_path / "other" / "m.pt")
-    assert load_weights(tmp_path / "other" / "m.pt")[1] == gpt2_like
+    with pytest.warns(AssumedHeadsWarning, match=r"assuming 2 heads of 64 .* pass --n-heads N"):  # one notice
+        assert load_weights(tmp_path / "other" / "m.pt")[1] == gpt2_like
 
 
 def test_save_torch_writes_sidecar_and_roundtrips_bitwise(tmp_path, book_model, params):
     path = tmp_path / "out" / "model.pth"
     save_weights(params, CFG, path)  # torch, from the suffix
-    assert json.loads((path.parent / "config.json").read_text())["model"] == CFG.to_dict()
+    assert json.loads((path.parent / "model.config.json").read_text())["model"] == CFG.to_dict()
     reference = TorchGPTModel(CFG.to_dict())
     reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
     for k, v in book_model.state_dict().items():
@@ -337,28 +338,29 @@ def test_failed_saves_leave_nothing(tmp_path, params, monkeypatch):
     monkeypatch.setattr(torch, "save", broken)
     (tmp_path / "c.pth").write_bytes(b"earlier")
     with pytest.raises(OSError, match="disk full"):
-        save_weights(params, CFG, tmp_path / "c.pth")
+        save_weights(params, CFG, tmp_path / "c.pth", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth"]
     assert (tmp_path / "c.pth").read_bytes() == b"earlier"
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "keep.txt").write_text("mine")
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="exists and is not a weights folder of this format"):
+    with pytest.raises(ValueError, match="d already exists; pass --overwrite"):
         save_weights(params, CFG, tmp_path / "d", format="hf")
     assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
-    save_weights(params, CFG, tmp_path / "hf", format="hf")  # a .pth's config.json must not clobber HF's
-    with pytest.raises(ValueError, match=r"hf/config.json exists and is not a gptjax config"):
-        save_weights(params, CFG, tmp_path / "hf" / "model.pth")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    save_weights(params, CFG, tmp_path / "hf", format="hf")  # a .pth's config must not clobber HF's
+    hf_config = (tmp_path / "hf" / "config.json").read_text()
+    save_weights(params, CFG, tmp_path / "hf" / "model.pth")
+    assert (tmp_path / "hf" / "config.json").read_text() == hf_config
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.config.json", "model.pth",
+                                                                   "model.safetensors"]
 
 
 def test_missing_optional_dependencies_are_named(tmp_path, monkeypatch, params):
     save_weights(params, CFG, tmp_path / "m.pth")
-    (tmp_path / "oa").mkdir()
-    (tmp_path / "oa" / "hparams.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(ValueError, match=r"pip install gptjax\[torch\]"):
         load_weights(tmp_path / "m.pth")
-    with pytest.raises(ValueError, match=r"pip install gptjax\[tf\]"):
-        load_weights(tmp_path / "oa")
+    tied = {**params, "out_head": {"kernel": params["tok_emb"]["embedding"].T}}
+    with pytest.raises(ValueError, match=r"writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax\[tf\]"):
+        save_weights(tied, CFG, tmp_path / "oa", format="openai")  # (reading them needs no TensorFlow)

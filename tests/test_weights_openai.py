@@ -3,6 +3,11 @@ Saver under OpenAI's variable names, read by gptjax and compared with the book's
 (TensorFlow takes seconds to import: every TensorFlow test lives in this module.)"""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +19,17 @@ from gptjax import GPTConfig, get_tokenizer, text_to_token_ids, token_ids_to_tex
 from gptjax.convert import main as convert_main
 from gptjax.generate import main as generate_main
 from gptjax.weights import detect_format, load_weights, save_weights
-from gptjax.weights.openai import load_openai_checkpoint, openai_to_params
+from gptjax.weights.openai import book_params, load_openai_checkpoint, openai_to_params
+from gptjax.weights.tf_checkpoint import read_bundle
 from tests.torch_reference import GPTModel as TorchGPTModel
 from tests.torch_reference import generate_text_simple, randomize_
-from tests.test_weights import assert_same_params, jax_logits, torch_logits
+from tests.test_weights import IDS, assert_same_params, jax_logits, torch_logits
+from tests.test_weights_hf import assert_owns_its_memory
 
 
 
 TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
 CFG = GPTConfig(vocab_size=257, context_length=32, emb_dim=48, n_layers=2, n_heads=4, qkv_bias=True)
 
 
@@ -195,3 +203,105 @@ def test_generate_cli_on_an_openai_folder(tmp_path, capsys):
     ids = torch.as_tensor(np.array(text_to_token_ids(prompt, tokenizer)), dtype=torch.long)
     want = token_ids_to_text(generate_text_simple(model, ids, 6, cfg.context_length)[0].numpy(), tokenizer)
     assert capsys.readouterr().out == want + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# gptjax's own reader of TensorFlow's checkpoint bundle, against TensorFlow's
+
+
+@pytest.mark.parametrize("n_layers", [12, 24, 36, 48])  # the variable names of 124M, 355M, 774M and 1558M
+def test_reader_is_bitwise_tensorflow_for_every_size(n_layers, tmp_path):
+    cfg = GPTConfig(vocab_size=11, context_length=4, emb_dim=8, n_layers=n_layers, n_heads=2, qkv_bias=True)
+    folder = write_release(tmp_path / "gpt2", to_openai_tensors(tied_book_model(cfg, seed=n_layers), cfg), cfg)
+    prefix = str(folder / "model.ckpt")
+    reference = tf.train.load_checkpoint(prefix)
+    ours = read_bundle(prefix)
+    assert sorted(ours) == sorted(reference.get_variable_to_shape_map()) == openai_names(n_layers)
+    for name in ours:
+        a, b = ours[name], reference.get_tensor(name)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    if n_layers == 12:  # (the mapping at every size is checked abstractly in test_weights.py)
+        squeezed = {name: np.squeeze(reference.get_tensor(name)) for name in ours}
+        want = openai_to_params(book_params(squeezed, n_layers), cfg)
+        params, got = load_weights(folder)
+        assert got == cfg
+        assert_same_params(params, want)
+        assert_owns_its_memory(params, [folder / "model.ckpt.data-00000-of-00001"])
+
+
+def test_reader_takes_every_dtype_and_shape_tensorflow_writes(tmp_path):
+    rng = np.random.default_rng(0)
+    values = {"f32": rng.standard_normal((3, 5)).astype(np.float32), "f16": rng.standard_normal(4).astype(np.float16),
+              "f64": rng.standard_normal((2, 1, 2)), "i32": np.arange(6, dtype=np.int32).reshape(3, 2),
+              "i64": np.arange(3, dtype=np.int64), "u8": np.arange(4, dtype=np.uint8), "b": np.array([True, False]),
+              "scalar": np.float32(2.5), "empty": np.zeros((0, 3), np.float32)}
+    prefix = str(tmp_path / "ckpt")
+    variables = {name: tf.Variable(v) for name, v in values.items()}
+    tf.compat.v1.train.Saver(var_list=variables).save(None, prefix, write_meta_graph=False)
+    ours = read_bundle(prefix)
+    for name, v in values.items():
+        assert ours[name].dtype == v.dtype and ours[name].shape == np.shape(v) and np.array_equal(ours[name], v), name
+
+
+def test_damaged_checkpoint_files_are_one_clear_error(release, tmp_path):
+    _, folder = release
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(folder, dst)
+        return dst, dst / "model.ckpt.index", dst / "model.ckpt.data-00000-of-00001"
+
+    def flip(path, at):
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x40
+        path.write_bytes(bytes(data))
+
+    def fails(folder, message, error=ValueError):
+        with pytest.raises(error, match=message) as e:
+            load_weights(folder)
+        assert "\n" not in str(e.value)
+
+    bad, index, data = copy("index_cut")
+    index.write_bytes(index.read_bytes()[:-10])
+    fails(bad, r"checkpoint .*/model.ckpt: .*model.ckpt.index: truncated or not a TensorFlow checkpoint index")
+    bad, index, data = copy("index_flipped")
+    flip(index, 20)
+    fails(bad, r"corrupt: the block at byte \d+ does not match its checksum")
+    bad, index, data = copy("data_cut")
+    data.write_bytes(data.read_bytes()[:-4])
+    fails(bad, rf"data-00000-of-00001 is truncated: {data.stat().st_size} bytes, the index needs {data.stat().st_size + 4}")
+    bad, index, data = copy("data_flipped")
+    flip(data, data.stat().st_size - 2)  # in the last tensor
+    fails(bad, r"tensor 'model/wte' does not match its checksum; the file is corrupt; download the model again")
+    bad, index, data = copy("data_missing")
+    data.unlink()
+    fails(bad, r"model.ckpt.data-00000-of-00001 is missing; the checkpoint is incomplete", FileNotFoundError)
+    # TensorFlow agrees about the flipped data byte
+    with pytest.raises(tf.errors.OpError, match="Checksum does not match"):
+        tf.train.load_checkpoint(str(tmp_path / "data_flipped" / "model.ckpt")).get_tensor("model/wte")
+
+
+def test_checkpoint_file_with_a_path_from_elsewhere(release, loaded, tmp_path):
+    _, folder = release
+    shutil.copytree(folder, tmp_path / "moved")
+    (tmp_path / "moved" / "checkpoint").write_text('model_checkpoint_path: "/somewhere/else/model.ckpt"\n')
+    assert_same_params(load_weights(tmp_path / "moved")[0], loaded[0])
+
+
+NO_TF = """
+import sys
+sys.modules["tensorflow"] = None  # any import of tensorflow now fails
+import numpy as np
+from gptjax import apply, load_weights
+params, cfg = load_weights(sys.argv[1])
+np.save(sys.argv[2], np.asarray(apply(params, cfg, np.load(sys.argv[3]))))
+"""
+
+
+def test_openai_folder_loads_where_tensorflow_cannot_be_imported(release, tmp_path):
+    model, folder = release
+    np.save(tmp_path / "ids.npy", IDS)
+    out = subprocess.run([sys.executable, "-c", NO_TF, str(folder), str(tmp_path / "logits.npy"), str(tmp_path / "ids.npy")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert np.abs(np.load(tmp_path / "logits.npy") - torch_logits(model)).max() <= TOL

@@ -11,23 +11,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gptjax.atomic import atomic_file
-from gptjax.config import GPTConfig
+from gptjax.atomic import atomic_file, check_overwrite
+from gptjax.config import GPTConfig, get_config
 from gptjax.model import Params
+from gptjax.weights.lazy import LazyTensors, release_pages
 from gptjax.weights.mapping import (
-    SIDECAR,
     Row,
     check_config,
     check_sidecar_free,
-    heads_for,
+    config_beside,
     one_line,
     params_from_tensors,
-    read_sidecar,
+    sidecar_path,
     tensors_from_params,
     write_sidecar,
 )
 
 MASK_SUFFIX = ".att.mask"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedDataParallel's
+HF_PREFIX = "transformer."
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
 def book_table(cfg: GPTConfig) -> list[Row]:
@@ -84,10 +87,10 @@ def _to_numpy(value: Any):
 
 
 def config_from_tensors(
-    shapes: Mapping[str, tuple[int, ...]], given: GPTConfig | None, sidecar: GPTConfig | None, *, source: str
+    shapes: Mapping[str, tuple[int, ...]], given: GPTConfig | None, weights_file: Path, *, source: str
 ) -> GPTConfig:
     """The config implied by book-named tensor shapes. The head count is not in the shapes: it comes from
-    ``given``, else the ``sidecar`` config.json, else GPT-2's 64-wide heads."""
+    ``given``, else the config file beside ``weights_file``, else GPT-2's 64-wide heads (see config_beside)."""
     if "tok_emb.weight" not in shapes or "pos_emb.weight" not in shapes:
         raise ValueError(
             f"{source}: missing tensor 'tok_emb.weight' or 'pos_emb.weight'; "
@@ -104,30 +107,53 @@ def config_from_tensors(
     )
     if found["n_layers"] == 0:
         raise ValueError(f"{source}: no transformer blocks (no 'trf_blocks.0.norm1.scale'); the file is incomplete")
+    if given is None and not sidecar_path(weights_file).exists():
+        given = _published_config(weights_file, found)
     if given is not None:
         return check_config(given, found, source)
-    if sidecar is not None:
-        return check_config(sidecar, found, f"{source} (with the {SIDECAR} beside it)")
-    return GPTConfig(**found, n_heads=heads_for(found["emb_dim"], source))
+    return config_beside(weights_file, found, source=source)
+
+
+def _published_config(weights_file: Path, found: Mapping[str, Any]) -> GPTConfig | None:
+    """The book's converted GPT-2 files (``gpt2-small-124M.pth`` ... ``gpt2-xl-1558M.pth``) are named after
+    their size: the head count the shapes leave open comes from that size's config."""
+    m = _PUBLISHED_NAME.fullmatch(weights_file.stem)
+    if m is None:
+        return None
+    preset = get_config(f"gpt2-{m.group(1)}")
+    return GPTConfig(**found, n_heads=preset.n_heads) if preset.emb_dim == found["emb_dim"] else None
 
 
 def load_book_tensors(
-    tensors: Mapping[str, Any], path: Path, cfg: GPTConfig | None, *, source: str
+    tensors: LazyTensors, path: Path, cfg: GPTConfig | None, *, source: str
 ) -> tuple[Params, GPTConfig]:
     """Parameters and config from book-named tensors read out of ``path``."""
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    cfg = config_from_tensors(shapes, cfg, None if cfg else read_sidecar(path), source=source)
-    tensors = {k: _to_numpy(v) for k, v in tensors.items()}
+    cfg = config_from_tensors(tensors.shapes, cfg, path, source=source)
     return params_from_tensors(book_table(cfg), tensors, cfg, source=source, ignore=(MASK_SUFFIX,)), cfg
 
 
 def load_torch(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
-    """A torch.save'd book ``GPTModel.state_dict()``, or the book's ``{"model_state_dict": ...,
-    "optimizer_state_dict": ...}`` checkpoint, read with ``weights_only=True`` (no code runs)."""
+    """A torch.save'd book ``GPTModel.state_dict()`` (also of a ``torch.compile``d or DDP-wrapped model), the
+    book's ``{"model_state_dict": ..., "optimizer_state_dict": ...}`` checkpoint, or a transformers
+    ``pytorch_model.bin`` (GPT-2 names: read as Hugging Face weights)."""
     path = Path(path)
+    tensors = read_torch(path)
+    if any(k.removeprefix(HF_PREFIX) == "wte.weight" for k in tensors):
+        from gptjax.weights.hf import load_hf_tensors
+
+        return load_hf_tensors(tensors, path.parent, cfg, source=f"torch checkpoint {path}")
+    return load_book_tensors(tensors, path, cfg, source=f"torch checkpoint {path}")
+
+
+def read_torch(path: Path) -> LazyTensors:
+    """The state_dict in a torch.save'd file, read with ``weights_only=True`` (no code runs), memory-mapped
+    (``mmap=True``) and handed out tensor by tensor, under its names without the ``_orig_mod.``
+    (torch.compile) and ``module.`` (DistributedDataParallel) prefixes of wrapped models."""
     torch = _import_torch()
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            mapped = f.read(4) == ZIP_MAGIC  # torch < 1.6's format cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except FileNotFoundError:
         raise FileNotFoundError(f"torch checkpoint {path} not found") from None
     except Exception as e:  # torch raises many types for a damaged or foreign file
@@ -141,14 +167,36 @@ def load_torch(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[P
             f"{path} holds a {type(obj).__name__}, not a state_dict of tensors (nor the book's "
             "{'model_state_dict': ...} checkpoint); save model.state_dict()"
         )
-    return load_book_tensors(obj, path, cfg, source=f"torch checkpoint {path}")
+    held: list[Any] = []
+
+    def read(name: str) -> Any:
+        # One mapping spans the whole file, and every page read stays resident with it: the pages of the
+        # tensor handed out before (copied into the parameters by now) go back. A view of it still in use
+        # reads them from the file again, so this costs time at worst, never data.
+        while held:
+            storage = held.pop().untyped_storage()
+            release_pages(storage.data_ptr(), storage.nbytes())
+        if mapped:
+            held.append(obj[name])
+        return _to_numpy(obj[name])
+
+    return LazyTensors({k: tuple(v.shape) for k, v in obj.items()}, read).renamed(unwrapped_name)
 
 
-def save_torch(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
-    """torch.save the book's state_dict to ``path`` atomically, with the config in a config.json beside it
-    (the head count is not in the tensor shapes; one model's config per folder)."""
+def unwrapped_name(name: str) -> str:
+    """A state_dict key without the prefixes that wrapping a model in torch.compile or DDP adds."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def save_torch(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    """torch.save the book's state_dict to ``path`` atomically, with the config (the head count is not in the
+    tensor shapes) in its own file beside it: ``model.pth`` -> ``model.config.json``. An existing ``path``
+    or config file is replaced only with ``overwrite``."""
     torch = _import_torch()
-    check_sidecar_free(path)
+    check_overwrite(path, overwrite)
+    check_sidecar_free(path, overwrite)
     state = to_torch_state_dict(params, cfg)
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
@@ -164,3 +212,4 @@ def _import_torch():
 
 
 _BLOCK_KEY = re.compile(r"trf_blocks\.(\d+)\.norm1\.scale$")
+_PUBLISHED_NAME = re.compile(r"gpt2-(small|medium|large|xl)-(124M|355M|774M|1558M)")

@@ -1,8 +1,11 @@
-"""Hugging Face transformers ``GPT2LMHeadModel`` weights: a folder with ``model.safetensors`` and ``config.json``.
+"""Hugging Face transformers ``GPT2LMHeadModel`` weights: a folder with ``config.json`` and the weights in any
+layout transformers writes (one or sharded ``model.safetensors``, one or sharded ``pytorch_model.bin``), or a
+Hub model id, resolved through huggingface_hub's cache.
 
-Reading needs only the safetensors package. The names are GPT-2's (``h.0.attn.c_attn.weight``, ...),
-with or without the ``transformer.`` prefix that ``GPT2LMHeadModel`` adds. Its Conv1D weights are
-already [in, out] like Flax kernels, and ``c_attn`` holds query, key and value side by side.
+Safetensors need only the safetensors package; ``pytorch_model.bin`` needs torch. The names are GPT-2's
+(``h.0.attn.c_attn.weight``, ...), with or without the ``transformer.`` prefix that ``GPT2LMHeadModel`` adds.
+Its Conv1D weights are already [in, out] like Flax kernels, and ``c_attn`` holds query, key and value side
+by side. Writing produces one ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.weights.book import read_torch, unwrapped_name
+from gptjax.weights.lazy import LazyTensors
 from gptjax.weights.mapping import (
     Row,
     check_config,
@@ -30,6 +35,9 @@ from gptjax.weights.mapping import (
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHTS_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)  # transformers' preference
 CONFIG = "config.json"
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -73,7 +81,7 @@ def hf_table(cfg: GPTConfig, *, lm_head: bool) -> list[Row]:
 
 
 def is_hf_folder(path: Path) -> bool:
-    return (path / SAFETENSORS).is_file() or (path / SAFETENSORS_INDEX).is_file()
+    return any((path / name).is_file() for name in WEIGHTS_FILES)
 
 
 def is_safetensors_file(path: Path) -> bool:
@@ -84,17 +92,26 @@ def is_safetensors_file(path: Path) -> bool:
 
 
 def load_hf(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
-    """A Hugging Face GPT-2 folder, or a single ``.safetensors`` file (GPT-2 names, or the book's
-    names as in a saved ``GPTModel.state_dict()``). The config comes from ``config.json`` when there is one."""
+    """A Hugging Face GPT-2 folder (``model.safetensors``, sharded ``model.safetensors.index.json``,
+    ``pytorch_model.bin`` or its sharded index; the first there in that order), or a single ``.safetensors``
+    file (GPT-2 names, or the book's names as in a saved ``GPTModel.state_dict()``). The config comes from
+    ``config.json`` when there is one. Tensors are read one at a time (see :mod:`gptjax.weights.lazy`)."""
     path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    tensors = _read_tensors(path)
-    source = f"safetensors weights {path}"
+    tensors = read_hf_tensors(path)
+    source = f"Hugging Face weights {path}"
     if "tok_emb.weight" in tensors:  # the book's names: a torch state_dict saved with safetensors
         from gptjax.weights.book import load_book_tensors
 
         return load_book_tensors(tensors, path if path.is_file() else path / SAFETENSORS, cfg, source=source)
-    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items() if not k.endswith(BUFFER_SUFFIXES)}
+    return load_hf_tensors(tensors, path if path.is_dir() else path.parent, cfg, source=source)
+
+
+def load_hf_tensors(
+    tensors: LazyTensors, folder: Path, cfg: GPTConfig | None, *, source: str
+) -> tuple[Params, GPTConfig]:
+    """Parameters and config from GPT-2-named tensors (with or without ``transformer.``), with the
+    ``config.json`` in ``folder`` if there is one."""
+    tensors = tensors.renamed(lambda k: None if k.endswith(BUFFER_SUFFIXES) else k.removeprefix(PREFIX))
     found = _config_from_tensors(tensors, source)
     hf_config = _read_hf_config(folder / CONFIG, found)
     if hf_config is not None:
@@ -102,20 +119,25 @@ def load_hf(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Para
     if cfg is not None:
         cfg = check_config(cfg, found, source)
     else:
-        n_heads = found.pop("n_heads", None) or heads_for(found["emb_dim"], source)
+        n_heads = found.pop("n_heads", None) or heads_for(found["emb_dim"], source, found)
         cfg = GPTConfig(**{"qkv_bias": False, **found}, n_heads=n_heads)
-    if not cfg.qkv_bias:  # all zero (checked above): the same model without the biases
-        tensors = {k: v for k, v in tensors.items() if not k.endswith("attn.c_attn.bias")}
-    lm_head = LM_HEAD in tensors and not np.array_equal(tensors[LM_HEAD], tensors.get("wte.weight"))
+    # Without qkv_bias the c_attn biases are all zero (checked above): the same model without them.
+    ignore = () if cfg.qkv_bias else ("attn.c_attn.bias",)
+    lm_head = LM_HEAD in tensors and not np.array_equal(tensors[LM_HEAD], tensors["wte.weight"])
     if not lm_head:
-        tensors.pop(LM_HEAD, None)
-    return params_from_tensors(hf_table(cfg, lm_head=lm_head), tensors, cfg, source=source), cfg
+        ignore += (LM_HEAD,)
+    table = hf_table(cfg, lm_head=lm_head)
+    return params_from_tensors(table, tensors, cfg, source=source, ignore=ignore), cfg
 
 
-def save_hf(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
+def save_hf(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """A folder that ``GPT2LMHeadModel.from_pretrained`` and :func:`load_hf` read. An output head that
-    differs from the token embedding is written as ``lm_head.weight`` with ``tie_word_embeddings: false``."""
+    differs from the token embedding is written as ``lm_head.weight`` with ``tie_word_embeddings: false``.
+    Into an existing folder only with ``overwrite``, replacing only ``model.safetensors`` and ``config.json``
+    (a tokenizer or anything else there stays)."""
     from safetensors.numpy import save_file
+
+    writer = atomic_dir(path, (SAFETENSORS, CONFIG), is_hf_folder, overwrite=overwrite)  # checks, before any work
 
     tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
     tied = np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb)
@@ -124,7 +146,7 @@ def save_hf(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
         for i in range(cfg.n_layers):
             tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, np.float32)
     tensors = {(k if k == LM_HEAD else PREFIX + k): v for k, v in sorted(tensors.items())}
-    with atomic_dir(path, is_hf_folder) as tmp:
+    with writer as tmp:
         save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, tied=tied), indent=2) + "\n")
 
@@ -158,50 +180,168 @@ def hf_config(cfg: GPTConfig, *, tied: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Model ids on the Hugging Face Hub, through its cache
+
+# GPT-2's short ids now live under openai-community (the Hub redirects); a cache may hold either name.
+HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a Hub model id: one of GPT-2's short ids or ``owner/name``."""
+    return name in HUB_ALIASES or bool(_HUB_ID.fullmatch(name))
 
-    if path.is_dir():
-        index = path / SAFETENSORS_INDEX
-        if (path / SAFETENSORS).is_file():
-            files = [path / SAFETENSORS]
-        else:  # a sharded checkpoint: the index maps each tensor to its shard
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = [path / name for name in sorted(set(weight_map.values()))]
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"cannot read the shard index {index}: {one_line(e)}") from None
-    else:
-        files = [path]
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"safetensors file {file} not found")
+
+def hub_folder(model_id: str) -> Path:
+    """A local folder holding ``model_id``'s config.json and weights: the Hugging Face cache's copy when it
+    is complete there (no network needed), else downloaded into the cache (one weights layout, the first of
+    :data:`WEIGHTS_FILES` the model has)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    alias = HUB_ALIASES.get(model_id) or next((k for k, v in HUB_ALIASES.items() if v == model_id), None)
+    for repo in (model_id, alias) if alias else (model_id,):
+        if (folder := _cached(repo)) is not None:
+            return folder
+    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"{model_id}: no such file or folder, and {where}; HF_HUB_OFFLINE is set, so it cannot be downloaded "
+            "(unset it, or give a local path)"
+        )
+    try:
+        return _download(model_id)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{model_id}: no such file or folder, nor a model on the Hugging Face Hub (a private or gated one "
+            "needs `hf auth login`)"
+        ) from None
+    except OSError as e:  # no network, a proxy, a server error: huggingface_hub's errors are OSErrors
+        raise FileNotFoundError(
+            f"{model_id}: no such file or folder, {where}, and the Hub cannot be reached ({one_line(e, 160)}); "
+            "download it once with a network, or give a local path"
+        ) from None
+
+
+def _cached(repo: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo, CONFIG)
+    if not isinstance(config, str):
+        return None
+    folder = Path(config).parent  # the snapshot: every cached file of that revision
+    name = next((n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
+    if name is None:
+        return None
+    if name.endswith(".index.json"):
         try:
-            tensors.update(load_file(file))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise ValueError(f"cannot read {file}: {one_line(e)}; the file is truncated or corrupt") from None
-    return tensors
+            _shards(folder / name)
+        except (ValueError, FileNotFoundError):  # an interrupted download: fetch the rest
+            return None
+    return folder
 
 
-def _config_from_tensors(tensors: dict[str, np.ndarray], source: str) -> dict[str, Any]:
+def _download(repo: str) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    config = Path(hf_hub_download(repo, CONFIG))
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "gpt2":  # before any weights are downloaded
+        raise ValueError(
+            f"{repo}: model_type {model_type!r} in its config.json is not GPT-2; gptjax reads GPT-2 models only"
+        )
+    for name in WEIGHTS_FILES:
+        try:
+            path = Path(hf_hub_download(repo, name))
+        except EntryNotFoundError as e:
+            if isinstance(e, LocalEntryNotFoundError):  # not "no such file": the Hub could not be asked
+                raise
+            continue
+        if name.endswith(".index.json"):
+            for shard in _shard_names(path):
+                hf_hub_download(repo, shard)
+        return path.parent
+    raise ValueError(f"{repo} on the Hugging Face Hub has none of {', '.join(WEIGHTS_FILES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def read_hf_tensors(path: Path) -> LazyTensors:
+    """The tensors of a Hugging Face folder or of one weights file, each read when looked up."""
+    if not path.is_dir():
+        files = [path]
+    else:
+        name = next((n for n in WEIGHTS_FILES if (path / n).is_file()), SAFETENSORS)
+        files = _shards(path / name) if name.endswith(".index.json") else [path / name]
+    parts = [_read_safetensors(f) if f.suffix == ".safetensors" or is_safetensors_file(f) else read_torch(f)
+             for f in files]
+    owner = {name: part for part in parts for name in part}
+    return LazyTensors({k: part.shapes[k] for k, part in owner.items()}, lambda k: owner[k][k])
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The files a sharded checkpoint's index maps its tensors to."""
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"cannot read the shard index {index}: {one_line(e)}") from None
+
+
+def _shards(index: Path) -> list[Path]:
+    names = _shard_names(index)
+    for name in names:
+        if not (index.parent / name).is_file():
+            raise FileNotFoundError(f"shard {name} listed in {index} not found; the checkpoint is incomplete")
+    return [index.parent / name for name in names]
+
+
+def _read_safetensors(file: Path) -> LazyTensors:
+    from safetensors import safe_open
+
+    def damaged(e: Exception) -> ValueError:
+        return ValueError(f"cannot read {file}: {one_line(e)}; the file is truncated or corrupt")
+
+    if not file.is_file():
+        raise FileNotFoundError(f"safetensors file {file} not found")
+    try:
+        with safe_open(file, framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise damaged(e) from None
+
+    def read(name: str) -> np.ndarray:
+        # safe_open maps the whole file and keeps every page it touched resident until it is closed:
+        # opened once per tensor (the header is read again, a few milliseconds), the file never is.
+        try:
+            with safe_open(file, framework="numpy") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise damaged(e) from None
+
+    return LazyTensors(shapes, read).renamed(unwrapped_name)
+
+
+def _config_from_tensors(tensors: LazyTensors, source: str) -> dict[str, Any]:
     """The settings the tensor shapes imply. The c_attn biases decide qkv_bias only when they are not
     all zero: zero biases fit a model with or without them."""
     for key in ("wte.weight", "wpe.weight"):
-        if key not in tensors:
+        if key not in tensors.shapes:
             raise ValueError(f"{source}: missing tensor {key!r}; this is not a GPT-2 checkpoint")
     layers = [int(m.group(1)) for k in tensors if (m := _LAYER_KEY.match(k))]
     if not layers:
         raise ValueError(f"{source}: no transformer blocks (no 'h.0.ln_1.weight'); the file is incomplete")
     found = dict(
-        vocab_size=int(tensors["wte.weight"].shape[0]),
-        context_length=int(tensors["wpe.weight"].shape[0]),
-        emb_dim=int(tensors["wte.weight"].shape[1]),
+        vocab_size=tensors.shapes["wte.weight"][0],
+        context_length=tensors.shapes["wpe.weight"][0],
+        emb_dim=tensors.shapes["wte.weight"][1],
         n_layers=max(layers) + 1,
     )
-    if any(np.any(v) for k, v in tensors.items() if k.endswith("attn.c_attn.bias")):
+    if any(np.any(tensors[k]) for k in tensors if k.endswith("attn.c_attn.bias")):
         found["qkv_bias"] = True
     return found
 

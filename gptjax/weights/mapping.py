@@ -6,16 +6,16 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gptjax.atomic import atomic_file
+from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig
 from gptjax.model import Params, abstract_params
 
@@ -83,9 +83,11 @@ def params_from_tensors(
         )
     params: dict = {}
     for row in table:
-        # jnp rather than np so that the tables can also be checked abstractly under jax.eval_shape;
-        # a copy, since jnp.asarray may alias host memory (a torch tensor that an optimizer mutates).
-        value = jnp.array(tensors[row.key], dtype=jnp.float32, copy=True)
+        # Transposes, slices and shape checks work alike on numpy views (of a file mapping, say) and on
+        # the tracers of an abstract check under jax.eval_shape; the one copy comes last.
+        value = tensors[row.key]
+        if not hasattr(value, "shape"):
+            value = np.asarray(value)
         if row.transpose:
             value = value.T
         want = tuple(get_path(expected, row.path).shape)
@@ -99,8 +101,27 @@ def params_from_tensors(
         if row.part is not None:
             i, size = row.part[0], want[-1]
             value = value[..., i * size : (i + 1) * size]
+        if isinstance(value, np.ndarray):
+            value = jax.device_put(_own_copy(value))
+        else:  # a jax array, or a tracer when the table is checked under jax.eval_shape
+            value = value.astype(np.float32)
         set_path(params, row.path, value)
     return params
+
+
+def _own_copy(value: np.ndarray) -> np.ndarray:
+    """``value`` as a C-order float32 copy in 64-byte-aligned memory of its own.
+
+    The copy is needed: the source may be a file mapping or a torch tensor that an optimizer mutates, and
+    jax.device_put on the CPU aliases 64-byte-aligned host memory (jax 0.10.2 does so even with
+    may_alias=False). The alignment is what lets device_put take this copy over instead of making another,
+    so that loading holds one extra copy of one tensor at a time (jnp.array holds two)."""
+    size = value.size * 4
+    buffer = np.empty(size + 64, np.uint8)
+    start = -buffer.ctypes.data % 64
+    out = buffer[start : start + size].view(np.float32).reshape(value.shape)
+    np.copyto(out, value, casting="unsafe")
+    return out
 
 
 def tensors_from_params(table: list[Row], params: Params) -> dict[str, np.ndarray]:
@@ -142,14 +163,32 @@ ARCH_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_layers", "n_heads",
 GPT2_HEAD_DIM = 64
 
 
-def heads_for(emb_dim: int, source: str) -> int:
-    """The head count when only the tensors are known: the shapes do not hold it, so assume GPT-2's 64-wide heads."""
+class AssumedHeadsWarning(UserWarning):
+    """The weights hold no head count, so GPT-2's 64-wide heads were assumed (once per load)."""
+
+
+class UnknownHeadsError(ValueError):
+    """The weights hold no head count and their emb_dim is no multiple of 64; ``found`` has every other
+    architecture setting, so a caller that knows the head count can complete the config."""
+
+    def __init__(self, message: str, found: Mapping[str, Any]):
+        super().__init__(message)
+        self.found = dict(found)
+
+
+def heads_for(emb_dim: int, source: str, found: Mapping[str, Any] | None = None) -> int:
+    """The head count when only the tensors are known (``found``: what they imply): the shapes do not hold it,
+    so assume GPT-2's 64-wide heads, and say so once."""
     if emb_dim % GPT2_HEAD_DIM:
-        raise ValueError(
+        raise UnknownHeadsError(
             f"{source}: the head count cannot be read from the tensors and emb_dim {emb_dim} is not a multiple "
-            f"of GPT-2's head size {GPT2_HEAD_DIM}; pass the config (cfg=..., or a config.json beside the file)"
-        )
-    return emb_dim // GPT2_HEAD_DIM
+            f"of GPT-2's head size {GPT2_HEAD_DIM}; pass the config (--n-heads N on the command line, cfg= in "
+            "Python)", found or {"emb_dim": emb_dim})
+    n_heads = emb_dim // GPT2_HEAD_DIM
+    warnings.warn(AssumedHeadsWarning(
+        f"{source} holds no head count: assuming {n_heads} head{'s' * (n_heads != 1)} of {GPT2_HEAD_DIM} (GPT-2's "
+        "head size); if that is wrong, pass --n-heads N on the command line (cfg= in Python)"), stacklevel=2)
+    return n_heads
 
 
 def check_config(given: GPTConfig, found: Mapping[str, Any], source: str) -> GPTConfig:
@@ -164,19 +203,51 @@ def check_config(given: GPTConfig, found: Mapping[str, Any], source: str) -> GPT
 
 
 # ---------------------------------------------------------------------------------------------
-# The config.json that save_weights writes beside single-file formats (.pth, .safetensors)
+# The config file that save_weights writes beside single-file formats (.pth): model.pth -> model.config.json
 
-SIDECAR = "config.json"
+SIDECAR_SUFFIX = ".config.json"
+SHARED_SIDECAR = "config.json"  # one per folder: older gptjax wrote it, and the book's GPT_CONFIG dict by hand
 
 
 def sidecar_path(weights_file: str | os.PathLike) -> Path:
-    return Path(weights_file).with_name(SIDECAR)
+    """Each weights file's own config file, so files sharing a folder never share a config."""
+    return Path(weights_file).with_suffix(SIDECAR_SUFFIX)
 
 
-def read_sidecar(weights_file: str | os.PathLike) -> GPTConfig | None:
-    """The gptjax config beside ``weights_file``: ``{"format": "gptjax", "model": {...}}`` as save_weights
-    writes it, or the book's plain GPT_CONFIG dict. Any other config.json (say a Hugging Face one) is not ours."""
-    path = sidecar_path(weights_file)
+def config_beside(weights_file: str | os.PathLike, found: Mapping[str, Any], *, source: str) -> GPTConfig:
+    """The config of ``weights_file``, whose tensors imply ``found`` (every architecture setting but n_heads).
+
+    From its own config file (which must agree with the tensors: the error names it); else from a plain
+    config.json in the folder when that agrees (one that does not belongs to other weights, and is
+    ignored); else GPT-2's 64-wide heads, with a notice (:class:`AssumedHeadsWarning`)."""
+    own = sidecar_path(weights_file)
+    cfg = _read_config_file(own)
+    if own.exists() and cfg is None:
+        raise ValueError(f"{own} does not describe a gptjax model; fix or remove it, or pass the config")
+    if cfg is not None:
+        name, value = next(_disagreement(cfg, found), (None, None))
+        if name is not None:
+            raise ValueError(
+                f"{source}: its config file {own} says {name}={getattr(cfg, name)!r}, but the tensors have "
+                f"{name}={value!r}; that config belongs to other weights: fix or remove it, or pass the config"
+            )
+        return cfg
+    try:
+        shared = _read_config_file(Path(weights_file).with_name(SHARED_SIDECAR))
+    except ValueError:  # a folder's config.json may be anyone's: unreadable is not ours
+        shared = None
+    if shared is not None and not any(_disagreement(shared, found)):
+        return shared
+    return GPTConfig(**found, n_heads=heads_for(found["emb_dim"], source, found))
+
+
+def _disagreement(cfg: GPTConfig, found: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    return ((name, found[name]) for name in ARCH_FIELDS if name in found and getattr(cfg, name) != found[name])
+
+
+def _read_config_file(path: Path) -> GPTConfig | None:
+    """``{"format": "gptjax", "model": {...}}`` as save_weights writes it, or the book's plain GPT_CONFIG dict;
+    None when there is no such file or it is some other config (say a Hugging Face one)."""
     if not path.is_file():
         return None
     try:
@@ -193,12 +264,12 @@ def read_sidecar(weights_file: str | os.PathLike) -> GPTConfig | None:
         raise ValueError(f"{path} is not a valid gptjax config: {one_line(e)}") from None
 
 
-def check_sidecar_free(weights_file: str | os.PathLike) -> None:
-    """Before writing ``weights_file``: a config.json beside it must be ours to replace (not, say, a
-    Hugging Face folder's)."""
+def check_sidecar_free(weights_file: str | os.PathLike, overwrite: bool = False) -> None:
+    """Before writing ``weights_file``: its config file must be new, or (with ``overwrite``) ours to replace."""
     path = sidecar_path(weights_file)
-    if path.exists() and read_sidecar(weights_file) is None:
-        raise ValueError(f"{path} exists and is not a gptjax config; write {Path(weights_file).name} to another folder")
+    check_overwrite(path, overwrite)
+    if path.exists() and _read_config_file(path) is None:
+        raise ValueError(f"{path} exists and is not a gptjax config; write {Path(weights_file).name} elsewhere")
 
 
 def write_sidecar(weights_file: str | os.PathLike, cfg: GPTConfig) -> None:

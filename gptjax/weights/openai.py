@@ -1,10 +1,10 @@
-"""OpenAI's GPT-2 release: download, the TensorFlow checkpoint reader the book uses, and the mapping.
+"""OpenAI's GPT-2 release: download, the book's checkpoint loader, and the mapping.
 
 A release folder holds ``hparams.json`` and a TensorFlow checkpoint (``checkpoint``, ``model.ckpt.*``)
 whose variables are named ``model/wte``, ``model/h0/attn/c_attn/w``, ... Its 1x1 convolution weights
 are [1, in, out]: squeezed they are Flax's [in, out]. ``c_attn`` holds query, key and value side by
-side, and the output head is the token embedding (tied). TensorFlow is imported only to read or
-write these checkpoints.
+side, and the output head is the token embedding (tied). Reading needs no TensorFlow
+(:mod:`gptjax.weights.tf_checkpoint`); it is imported only to write these checkpoints.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptjax.atomic import atomic_dir
+from gptjax.atomic import atomic_dir, made_dirs
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.weights.lazy import LazyTensors
 from gptjax.weights.mapping import (
     Row,
     check_config,
@@ -33,6 +34,7 @@ from gptjax.weights.mapping import (
     params_from_tensors,
     tensors_from_params,
 )
+from gptjax.weights.tf_checkpoint import CheckpointError, read_bundle
 
 GPT2_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = (
@@ -118,10 +120,9 @@ def config_to_settings(cfg: GPTConfig) -> dict[str, int]:
 def openai_to_params(params_dict: Mapping[str, Any], cfg: GPTConfig) -> Params:
     """gptjax parameters from the book's ``params`` dict (``blocks[i]["attn"]["c_attn"]["w"]``, ``wte``,
     ``wpe``, ``g``, ``b``), as :func:`load_openai_checkpoint` returns it."""
-    tensors = flatten_book_params(params_dict)
-    if not cfg.qkv_bias:
-        tensors = _drop_zero_qkv_bias(tensors, cfg, "OpenAI GPT-2 params")
-    return params_from_tensors(openai_table(cfg), tensors, cfg, source="OpenAI GPT-2 params")
+    tensors, source = flatten_book_params(params_dict), "OpenAI GPT-2 params"
+    ignore = () if cfg.qkv_bias else _zero_qkv_bias(tensors, source)
+    return params_from_tensors(openai_table(cfg), tensors, cfg, source=source, ignore=ignore)
 
 
 def flatten_book_params(params_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,35 +182,52 @@ def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
     return settings
 
 
-def read_checkpoint(folder: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every variable of the folder's TensorFlow checkpoint, under its full name, unsqueezed."""
-    tf = _import_tf()
+def checkpoint_prefix(folder: str | os.PathLike) -> Path:
+    """The checkpoint the folder's ``checkpoint`` file names (OpenAI's: model.ckpt), looked for in this
+    folder whatever the path recorded there (sometimes an absolute one from when it was written)."""
     folder = Path(folder)
-    # The "checkpoint" file names the prefix (OpenAI's: model.ckpt), sometimes as an absolute path from
-    # when it was written; the files are looked for in this folder whatever the path, so it can move.
-    try:
-        state = tf.train.get_checkpoint_state(str(folder))
-    except Exception as e:  # a damaged "checkpoint" text file
-        raise ValueError(f"cannot read {folder / 'checkpoint'}: {one_line(e)}; delete it or download it again") from None
-    prefix = str(folder / Path(state.model_checkpoint_path if state else CKPT).name)
-    if not Path(prefix + ".index").is_file():
+    name = CKPT
+    state = folder / "checkpoint"
+    if state.is_file():
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state.read_text(errors="replace"), re.MULTILINE)
+        if not m:
+            raise ValueError(f"cannot read {state}: no model_checkpoint_path; delete it or download it again")
+        name = Path(m.group(1).replace("\\\\", "/")).name
+    prefix = folder / name
+    if not Path(f"{prefix}.index").is_file():
         raise FileNotFoundError(
-            f"no TensorFlow checkpoint in {folder} ({Path(prefix).name}.index is missing); download the model again"
+            f"no TensorFlow checkpoint in {folder} ({name}.index is missing); download the model again"
         )
+    return prefix
+
+
+def read_checkpoint(folder: str | os.PathLike) -> LazyTensors:
+    """Every variable of the folder's TensorFlow checkpoint, under its full name, unsqueezed, each read
+    (memory-mapped and checksummed) when looked up. No TensorFlow needed."""
+    prefix = checkpoint_prefix(folder)
+
+    def failure(e: CheckpointError) -> ValueError:
+        return ValueError(f"cannot read the TensorFlow checkpoint {prefix}: {one_line(e)}; download the model again")
+
     try:
-        return {name: tf.train.load_variable(prefix, name) for name, _ in tf.train.list_variables(prefix)}
-    except Exception as e:  # TensorFlow raises its own OpError types for damaged files
-        raise ValueError(
-            f"cannot read the TensorFlow checkpoint {prefix}: {one_line(e)}; the files are truncated or corrupt "
-            "(download the model again)"
-        ) from None
+        bundle = read_bundle(prefix)
+    except CheckpointError as e:
+        raise failure(e) from None
+
+    def read(name: str) -> np.ndarray:
+        try:
+            return bundle[name]
+        except CheckpointError as e:  # a tensor's checksum, checked as it is read
+            raise failure(e) from None
+
+    return LazyTensors(bundle.shapes, read)
 
 
 def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(settings, params)`` exactly as the book's ``load_gpt2_params_from_tf_ckpt``: hparams.json and the
     squeezed variables nested as ``params["blocks"][i]["attn"]["c_attn"]["w"]``, ``wte``, ``wpe``, ``g``, ``b``."""
     settings = read_settings(folder)
-    tensors = {k: np.squeeze(v) for k, v in read_checkpoint(folder).items()}
+    tensors = {k: np.squeeze(np.array(v)) for k, v in read_checkpoint(folder).items()}
     n_layers = settings.get("n_layer")
     if not isinstance(n_layers, int):
         raise ValueError(f"{Path(folder) / HPARAMS}: no integer 'n_layer'; it is not a GPT-2 hparams.json")
@@ -227,22 +245,23 @@ def load_openai(folder: str | os.PathLike, cfg: GPTConfig | None = None) -> tupl
     settings = read_settings(folder)
     tensors = read_checkpoint(folder)
     found = settings_to_config(settings, source=str(folder / HPARAMS))
-    has_bias = any(np.any(v) for k, v in tensors.items() if k.endswith("/attn/c_attn/b"))
+    has_bias = any(np.any(tensors[k]) for k in tensors if k.endswith(_QKV_BIAS))
     if cfg is None:
         cfg = found.replace(qkv_bias=has_bias)
     else:
         cfg = check_config(cfg, {**found.to_dict(), **({} if has_bias else {"qkv_bias": cfg.qkv_bias})}, source)
-    tensors = {k: _squeeze_conv(k, v, source) for k, v in tensors.items()}
-    if not cfg.qkv_bias:
-        tensors = _drop_zero_qkv_bias(tensors, cfg, source)
-    return params_from_tensors(openai_table(cfg), tensors, cfg, source=source), cfg
+    ignore = () if cfg.qkv_bias else _zero_qkv_bias(tensors, source)
+    return params_from_tensors(openai_table(cfg), _squeezed(tensors, source), cfg, source=source, ignore=ignore), cfg
 
 
-def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None:
+def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """A folder in OpenAI's layout (``hparams.json``, ``checkpoint``, ``model.ckpt.index/.data-*``, variable
     names and [1, in, out] shapes as released) that TensorFlow and :func:`load_openai` read. The tokenizer
     files and the ``.meta`` graph are not written (gptjax bundles the tokenizer). OpenAI's format ties
-    the output head to the token embedding, so ``params`` must too."""
+    the output head to the token embedding, so ``params`` must too. Into an existing folder only with
+    ``overwrite``, replacing only the files named above."""
+    names = (HPARAMS, "checkpoint", f"{CKPT}.index", f"{CKPT}.data-00000-of-00001")
+    writer = atomic_dir(path, names, is_openai_folder, overwrite=overwrite)  # checks before any work
     tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
     if not np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb):
         raise ValueError(
@@ -255,7 +274,7 @@ def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None
             tensors[f"{SCOPE}h{i}/attn/c_attn/b"] = np.zeros(3 * cfg.emb_dim, np.float32)
     tensors = {k: v[None] if k.endswith("/w") else v for k, v in sorted(tensors.items())}
     tf = _import_tf()
-    with atomic_dir(path, is_openai_folder) as tmp:
+    with writer as tmp:
         tf.raw_ops.SaveV2(
             prefix=str(tmp / CKPT),
             tensor_names=list(tensors),
@@ -266,26 +285,26 @@ def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike) -> None
         (tmp / HPARAMS).write_text(json.dumps(config_to_settings(cfg), indent=2) + "\n")
 
 
-def _squeeze_conv(name: str, value: np.ndarray, source: str) -> np.ndarray:
+_QKV_BIAS = "/attn/c_attn/b"
+
+
+def _squeezed(tensors: LazyTensors, source: str) -> LazyTensors:
     """OpenAI's conv weights are [1, in, out]; only that leading axis goes (np.squeeze would also eat
-    any other axis of size 1)."""
-    if name.endswith("/w"):
-        if value.ndim != 3 or value.shape[0] != 1:
-            raise ValueError(f"{source}: tensor {name!r} has shape {value.shape}, expected [1, in, out]")
-        return value[0]
-    return value
+    any other axis of size 1). Checked on the shapes, before anything is read."""
+    for name, shape in tensors.shapes.items():
+        if name.endswith("/w") and (len(shape) != 3 or shape[0] != 1):
+            raise ValueError(f"{source}: tensor {name!r} has shape {shape}, expected [1, in, out]")
+    conv = lambda name: name.endswith("/w")  # noqa: E731
+    return tensors.mapped(lambda k, v: v[0] if conv(k) else v, lambda k, s: s[1:] if conv(k) else s)
 
 
-def _drop_zero_qkv_bias(tensors: dict[str, Any], cfg: GPTConfig, source: str) -> dict[str, Any]:
-    """Without qkv_bias the c_attn biases must be zero (then they change nothing) and are left out."""
-    out = {}
-    for k, v in tensors.items():
-        if k.endswith("/attn/c_attn/b"):
-            if np.any(np.asarray(v)):
-                raise ValueError(f"{source}: tensor {k!r} is not zero but the config has qkv_bias=False")
-            continue
-        out[k] = v
-    return out
+def _zero_qkv_bias(tensors: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    """Without qkv_bias the c_attn biases must be zero (then they change nothing): the name suffix to
+    leave out."""
+    for k in tensors:
+        if k.endswith(_QKV_BIAS) and np.any(np.asarray(tensors[k])):
+            raise ValueError(f"{source}: tensor {k!r} is not zero but the config has qkv_bias=False")
+    return (_QKV_BIAS,)
 
 
 def _import_tf():
@@ -295,7 +314,7 @@ def _import_tf():
     try:
         import tensorflow as tf
     except ImportError:
-        raise ValueError("reading or writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax[tf]") from None
+        raise ValueError("writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax[tf]") from None
     return tf
 
 
@@ -323,22 +342,21 @@ def download_gpt2(
         raise ValueError(f"unknown GPT-2 size {model_size!r}; choose one of {', '.join(GPT2_SIZES)}")
     if not base_urls:
         raise ValueError("no base URLs to download from")
-    folder = Path(models_dir) / model_size
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in GPT2_FILES:
-        dest = folder / name
-        if dest.is_file():
-            continue
-        failures = []
-        for base in base_urls:
-            url = f"{base.rstrip('/')}/{model_size}/{name}"
-            try:
-                _fetch(url, dest, retries=retries, timeout=timeout, progress=progress)
-                break
-            except _DownloadError as e:
-                failures.append(f"{url} ({e})")
-        else:
-            raise ValueError(f"could not download {name} of GPT-2 {model_size}: tried " + "; ".join(failures))
+    with made_dirs(Path(models_dir) / model_size) as folder:  # removed again if nothing arrives
+        for name in GPT2_FILES:
+            dest = folder / name
+            if dest.is_file():
+                continue
+            failures = []
+            for base in base_urls:
+                url = f"{base.rstrip('/')}/{model_size}/{name}"
+                try:
+                    _fetch(url, dest, retries=retries, timeout=timeout, progress=progress)
+                    break
+                except _DownloadError as e:
+                    failures.append(f"{url} ({e})")
+            else:
+                raise ValueError(f"could not download {name} of GPT-2 {model_size}: tried " + "; ".join(failures))
     return folder
 
 
