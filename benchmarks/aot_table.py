@@ -31,6 +31,7 @@ CASES = {
     "xl-h200-f32-b8": "--target gpu-h200:1 --preset gpt2-xl --batch-size 8",
     "xl-v5e-2x4-fsdp-bf16-b16-remat": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
     "xl-h100x8-fsdp-bf16-b64": "--target gpu-h100:8 --preset gpt2-xl --batch-size 64 --mesh fsdp=8 --dtype bfloat16",
+    "xl-h100x8-fsdp-bf16-b64-remat": "--target gpu-h100:8 --preset gpt2-xl --batch-size 64 --mesh fsdp=8 --dtype bfloat16 --remat",
 }
 
 
