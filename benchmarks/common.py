@@ -14,30 +14,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s from the vendors' datasheets, by a substring of jax's device_kind.
+from gptjax.flops import PEAK_TFLOPS, peak_tflops
+
+
 # Used only on accelerators; a CPU's peak is whatever measure_matmul_flops finds.
-DATASHEET_BF16_FLOPS = {
-    "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
 def datasheet_flops(device_kind: str) -> float | None:
-    """The datasheet's dense bf16 FLOP/s for a device kind, or None when it is not in the table."""
-    for name, flops in DATASHEET_BF16_FLOPS.items():  # most specific names first
-        if name.lower() in device_kind.lower():
-            return flops
-    return None
+    """The datasheet's dense bf16 FLOP/s for a device kind (gptjax.flops.PEAK_TFLOPS, the table the training
+    loop's MFU uses; the longest name contained in ``device_kind`` when it is not one of its keys)."""
+    names = sorted((n for n in PEAK_TFLOPS if n.lower() in device_kind.lower()), key=len, reverse=True)
+    name = device_kind if device_kind in PEAK_TFLOPS else (names[0] if names else None)
+    peak = None if name is None else peak_tflops(name, "bfloat16")
+    return None if peak is None else peak * 1e12
 
 
 def measure_matmul_flops(dtype: Any = jnp.float32, n: int = 4096, repeats: int = 5) -> float:
