@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import gptjax  # noqa: E402
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
+from gptjax import cpu_kernels  # noqa: E402
 from gptjax.quantize import WEIGHTS_DTYPES, quantize_params, weights_nbytes  # noqa: E402
 from gptjax.sampling import _bucket, _prefill, generate  # noqa: E402
 
@@ -148,6 +149,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     info = machine_info()
+    # bfloat16/int8 decode steps run through the compiled CPU kernel only where it was built
+    info["cpu_kernels"] = cpu_kernels.unavailable() or "built"
     cases = []  # (config name, cfg, batch, method, weights dtype, runner, weights, prompt, new tokens)
     for name in args.configs:
         cfg = gptjax.get_config(name)

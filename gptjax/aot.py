@@ -354,6 +354,8 @@ def _attention_kind(hlo: str, target: Target, cfg, tcfg) -> str:
     """Which attention the compiled program holds, and on a GPU why not cuDNN's flash attention."""
     if "__cudnn$fmha" in hlo:
         return "cuDNN flash attention"
+    if target.platform == "cpu" and cfg.drop_rate == 0:
+        return "blocked causal attention (gptjax.attention)"
     if target.platform != "gpu":
         return "XLA attention"
     if cfg.drop_rate > 0:

@@ -44,10 +44,11 @@ def _bias_init(fan_in: int):
 
 
 def _linear(d_in: int, d_out: int, *, use_bias: bool, dtype: Any, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
-    # dtype is the compute dtype: nnx.Linear casts its input and float32 parameters to it.
+    # dtype is the compute dtype: nnx.Linear casts its input and float32 parameters to it. The platform's
+    # promotion and dot_general also take the stored bfloat16/int8 kernels of gptjax.quantize as they are.
     return nnx.Linear(
         d_in, d_out, use_bias=use_bias, dtype=dtype, kernel_init=_kernel_init, bias_init=_bias_init(d_in),
-        rngs=rngs, **kwargs,
+        promote_dtype=platform.linear_promote_dtype, dot_general=platform.linear_dot_general, rngs=rngs, **kwargs,
     )
 
 

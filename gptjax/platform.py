@@ -15,7 +15,9 @@ q, k, v projections    three matmuls          one [d, 3d] matmul        one [d, 
 logits matmul          50257 columns          padded to 50304           50257 columns
 block input, backward  barrier (conditional)  plain                     plain
 gradient norm          matrix-vector products reductions                reductions
-attention, no dropout  XLA                    cuDNN flash (bf16/fp16)   XLA
+attention, no dropout  blocked, own backward  cuDNN flash (bf16/fp16)   XLA
+bf16 / int8 weights    compiled kernel (<= 8  widened, then the dot     widened, then the dot
+                       rows), else widened
 =====================  =====================  ========================  ==================================
 
 Why (benchmarks/NOTES.md has the measurements):
@@ -37,6 +39,17 @@ Why (benchmarks/NOTES.md has the measurements):
 - Gradient norm: on XLA:CPU a plain reduction over the output head's [768, 50257] gradient becomes a
   YNNPACK reduce that, run beside the rest of the backward pass, stalls a core: 0.9 s of a 3.2 s
   GPT_CONFIG_124M step. The matvec is an ordinary GEMV there (HIGHEST keeps it float32).
+- bfloat16 / int8 weights (decoding from :mod:`gptjax.quantize`'s trees): XLA:CPU widens a whole
+  kernel into a float32 buffer before any dot, so decode steps read more memory than from float32.
+  The compiled matmul of :mod:`gptjax.cpu_kernels` reads the weights as stored; it is built for
+  matrix-vector shapes, so longer inputs (a prompt) take the widened kernel and XLA's GEMM. GPU and TPU
+  compilers fuse the widening into the dot's operand read.
+- Blocked attention (:mod:`gptjax.attention`): XLA:CPU's attention computes the masked upper half of
+  the scores, and its gradient copies the [heads, seq, seq] score gradient transposed. Query blocks that
+  skip the masked blocks, and a backward pass whose matmuls read every operand as it lies, took
+  gpt2-small's T=1024 training step from 7.56 s to 6.03 s at batch 1 and from 46.2 s to 28.0 s at
+  batch 4 (one process, steps interleaved, a shared 2-core CPU); attention alone (forward and backward,
+  [1, 1024, 12, 64] float32) from ~180 ms to ~85 ms. Elsewhere the compilers' own attention is used.
 - cuDNN attention: flash attention that never materialises the [seq, seq] weights and skips the
   masked half; only in bf16/fp16, and only where cuDNN can be found when the function is traced
   (:func:`cudnn_attention_unavailable` says why not).
@@ -44,11 +57,16 @@ Why (benchmarks/NOTES.md has the measurements):
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from gptjax import cpu_kernels
+from gptjax.attention import blocked_causal_attention
+from gptjax.quantize import QuantizedKernel, dequantize_kernel, is_stored_kernel
 
 Linear = nnx.Linear
 VOCAB_MULTIPLE = 64
@@ -74,6 +92,60 @@ def layer_norm_mean(x: jax.Array) -> jax.Array:
     return _cpu_or_accelerator(x, cpu=mean_by_matvec, accelerator=mean_by_reduction)
 
 
+# --- Linear layers over stored bfloat16 / int8 kernels ---------------------------------------------
+
+
+def _reads_stored(kernel: Any, compute_dtype: Any) -> bool:
+    # A bfloat16 kernel in a bfloat16 layer is ordinary mixed precision, not a stored format.
+    if isinstance(kernel, QuantizedKernel):
+        return True
+    return is_stored_kernel(kernel) and jnp.dtype(compute_dtype or jnp.float32) != jnp.bfloat16
+
+
+def _dense_kernel(layer: Linear) -> jax.Array:
+    """The layer's kernel as an array in its compute dtype's terms (stored formats widened)."""
+    kernel = layer.kernel[...]
+    return dequantize_kernel(kernel) if _reads_stored(kernel, layer.dtype) else kernel
+
+
+def widened_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Array:
+    return jnp.matmul(x, dequantize_kernel(kernel))
+
+
+def compiled_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Array:
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if isinstance(kernel, QuantizedKernel):
+        y = cpu_kernels.weights_matmul(rows, kernel.values, kernel.scale)
+    else:
+        y = cpu_kernels.weights_matmul(rows, kernel)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def stored_weights_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Array:
+    """``x @ W`` in float32 for a stored bfloat16 or int8 kernel standing for W."""
+    if math.prod(x.shape[:-1]) > cpu_kernels.MAX_ROWS or cpu_kernels.unavailable() is not None:
+        return widened_matmul(x, kernel)
+    return _cpu_or_accelerator(x, cpu=lambda x: compiled_matmul(x, kernel),
+                               accelerator=lambda x: widened_matmul(x, kernel))
+
+
+def linear_promote_dtype(args: tuple, *, dtype: Any = None, **kwargs) -> tuple:
+    """flax's promotion of a Linear layer's (inputs, kernel, bias), leaving a stored kernel as it is."""
+    inputs, kernel, bias = args
+    if not _reads_stored(kernel, dtype):
+        return nnx.nn.dtypes.promote_dtype(args, dtype=dtype, **kwargs)
+    inputs, bias = nnx.nn.dtypes.promote_dtype((inputs, bias), dtype=dtype, **kwargs)
+    return inputs, kernel, bias
+
+
+def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwargs) -> jax.Array:
+    """A Linear layer's ``lax.dot_general``; a stored kernel (left unpromoted by
+    :func:`linear_promote_dtype`) goes through :func:`stored_weights_matmul`."""
+    if isinstance(kernel, QuantizedKernel) or kernel.dtype != x.dtype:
+        return stored_weights_matmul(x, kernel)
+    return jax.lax.dot_general(x, kernel, dimension_numbers, **kwargs)
+
+
 # --- q, k, v projections ---------------------------------------------------------------------------
 
 
@@ -84,7 +156,7 @@ def separate_qkv(x: jax.Array, layers: tuple[Linear, Linear, Linear]) -> tuple[j
 def fused_qkv(x: jax.Array, layers: tuple[Linear, Linear, Linear]) -> tuple[jax.Array, ...]:
     """The three projections as one matmul against the kernels side by side; its gradient is split back
     into the three kernels by the concatenation's transpose."""
-    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    kernel = jnp.concatenate([_dense_kernel(layer) for layer in layers], axis=1)
     bias = jnp.concatenate([layer.bias[...] for layer in layers]) if layers[0].use_bias else None
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=layers[0].dtype)
     qkv = x @ kernel
@@ -108,7 +180,7 @@ def plain_logits(out_head: Linear, x: jax.Array) -> jax.Array:
 def padded_logits(out_head: Linear, x: jax.Array) -> jax.Array:
     """``out_head(x)`` through the kernel padded with zero columns to a multiple of 64 (50257 -> 50304),
     the logits sliced back: the parameter keeps the book's columns."""
-    kernel = out_head.kernel[...]
+    kernel = _dense_kernel(out_head)
     vocab = kernel.shape[1]
     kernel = jnp.pad(kernel, ((0, 0), (0, -vocab % VOCAB_MULTIPLE)))
     x, kernel = nnx.nn.dtypes.promote_dtype((x, kernel), dtype=out_head.dtype)
@@ -199,9 +271,10 @@ def cuda_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Causal softmax(q k^T / sqrt(head_dim)) v over a whole sequence, q, k, v: [batch, seq, heads,
     head_dim]: what :func:`gptjax.model.causal_attention` computes without dropout."""
-    return jax.lax.platform_dependent(q, k, v, cuda=cuda_attention, default=xla_attention)
+    return jax.lax.platform_dependent(q, k, v, cpu=blocked_causal_attention, cuda=cuda_attention,
+                                      default=xla_attention)
 
 
 __all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "self_attention",
-           "backward_barrier",
+           "backward_barrier", "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul",
            "cudnn_attention_unavailable", "VOCAB_MULTIPLE"]

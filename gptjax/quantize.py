@@ -6,13 +6,11 @@ token), biases and LayerNorm parameters stay float32. Activations, accumulation,
 stay float32: this is weight-only quantization.
 
 The quantized tree has the float32 tree's structure with each kernel replaced by a bfloat16 array or
-a :class:`QuantizedKernel`, a small pytree. :func:`dequantize_params` turns it back into the float32
-values the matmuls use, and callers apply it *inside* their jitted step (:mod:`gptjax.sampling`
-does), so the arrays held in memory between steps stay small and the conversion is an elementwise
-producer of each matmul's weight operand, which XLA fuses into the matmul where the backend can
-(GPU, TPU). ``gptjax/model.py`` then stays the book's model over a float32 tree. On XLA:CPU (jax
-0.10) no dot reads bfloat16 or int8 operands: it converts the whole kernel to float32 first, so on
-CPU these formats save memory but not time (benchmarks/NOTES.md has the measurements).
+a :class:`QuantizedKernel`, a small pytree, and the model runs on it as it is: each Linear layer hands
+its stored kernel to :func:`gptjax.platform.linear_dot_general`, which multiplies by it where it lies
+(on CPU, for decode steps, with the compiled kernel of :mod:`gptjax.cpu_kernels`, which reads the
+weights in their stored width) or widens it to float32 right before the dot (elsewhere, where XLA fuses
+the widening into the matmul). ``gptjax/model.py`` stays the book's model.
 
 int8 is symmetric round-to-nearest with a per-output-channel scale ``max|W[:, j]| / 127``, so
 ``W[:, j] ~= values[:, j] * scale[j]``; the scale multiplies the matmul's output columns, which is the
@@ -28,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gptjax.model import Params
+Params = dict[str, Any]  # gptjax.model.Params (not imported: gptjax.platform, which model uses, imports this)
 
 WEIGHTS_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -43,6 +41,29 @@ class QuantizedKernel:
 
     def dequantize(self) -> jax.Array:
         return self.values.astype(jnp.float32) * self.scale
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    def __getitem__(self, index):
+        # nnx reads a Param's value as ``param[...]``.
+        if index is not Ellipsis:
+            raise TypeError("a QuantizedKernel can only be read whole, as kernel[...]")
+        return self
+
+
+def is_stored_kernel(kernel: Any) -> bool:
+    """Whether a Linear kernel is a stored small format (int8, or bfloat16 used with float32 compute)
+    rather than an array in the layer's compute dtype."""
+    return isinstance(kernel, QuantizedKernel) or getattr(kernel, "dtype", None) == jnp.bfloat16
+
+
+def dequantize_kernel(kernel: jax.Array | QuantizedKernel) -> jax.Array:
+    """The float32 kernel a stored one stands for."""
+    if isinstance(kernel, QuantizedKernel):
+        return kernel.dequantize()
+    return kernel.astype(jnp.float32)
 
 
 def check_weights_dtype(weights_dtype: str) -> str:
@@ -80,12 +101,10 @@ def _quantize_params(params: Params, weights_dtype: str) -> Params:
 def dequantize_params(params: Params) -> Params:
     """The float32 tree a quantized tree stands for (a float32 tree passes through unchanged).
 
-    Traceable: call it inside the jitted function that uses the weights, so that only the small
-    arrays live between calls."""
+    The model does not need it (it runs on the quantized tree); it is the reference the stored
+    formats are measured against."""
     def to_float32(x):
-        if isinstance(x, QuantizedKernel):
-            return x.dequantize()
-        return x.astype(jnp.float32) if x.dtype != jnp.float32 else x
+        return dequantize_kernel(x) if isinstance(x, QuantizedKernel) or x.dtype != jnp.float32 else x
 
     return jax.tree_util.tree_map(to_float32, params, is_leaf=lambda x: isinstance(x, QuantizedKernel))
 

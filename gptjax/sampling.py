@@ -10,8 +10,8 @@ Decoding strategy:
   emitted ``eos_id``. Attention reads every slot of the KV cache, so the cache grows in power-of-two
   buckets (64, 128, ... up to ``context_length``), one loop per bucket: a step reads and writes at
   most twice the filled length, not ``context_length`` slots (GPT-2's 1024).
-* ``weights_dtype`` "bfloat16" or "int8" stores the matmul kernels smaller (:mod:`gptjax.quantize`)
-  and dequantizes them inside each step.
+* ``weights_dtype`` "bfloat16" or "int8" stores the matmul kernels smaller (:mod:`gptjax.quantize`);
+  each decode step reads them as stored (on CPU through :mod:`gptjax.cpu_kernels`).
 * Prompts are right-padded to a power-of-two bucket: the causal mask means padding never
   influences the real positions, and the first decode step overwrites the padded cache slots
   before anything reads them. The output buffer is bucketed the same way, so a handful of
@@ -26,14 +26,16 @@ Decoding strategy:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax import cpu_kernels
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
-from gptjax.quantize import check_weights_dtype, dequantize_params, quantize_params
+from gptjax.quantize import check_weights_dtype, quantize_params
 
 _MIN_BUCKET = 16
 _MIN_KV_BUCKET = 64
@@ -144,20 +146,21 @@ def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_le
     """Run the padded prompt through the model once: last real position's logits and a cache of
     ``slots`` positions."""
     cache = init_cache(cfg, padded_prompt.shape[0], slots=slots)
-    logits, cache = apply_with_cache(dequantize_params(params), cfg, padded_prompt, cache, 0)
+    logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0)
     return jnp.take(logits, prompt_len - 1, axis=1), cache
 
 
 def _weights_for_step(params: Params, step: jax.Array) -> Params:
-    """The float32 weights for one decode step of a loop, from the tree as stored (maybe quantized).
+    """The weights one decode step of a loop reads, as stored (maybe quantized).
 
-    Tied to the loop's step by a barrier, so that the dequantization stays inside the loop: left
-    loop-invariant, XLA hoists it out and keeps a float32 copy of every kernel for the whole decode,
-    which is the memory the smaller weights are there to save."""
+    A quantized tree is tied to the loop's step by a barrier: where a matmul widens its kernel to
+    float32 first (see :func:`gptjax.platform.stored_weights_matmul`), the widening is loop-invariant,
+    and XLA would hoist it out and keep a float32 copy of every kernel for the whole decode, which is
+    the memory the smaller weights are there to save."""
     if all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params)):
         return params
     stored, _ = jax.lax.optimization_barrier((params, step))
-    return dequantize_params(stored)
+    return stored
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p"))
@@ -294,6 +297,9 @@ def generate(
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else (rng if rng is not None else jax.random.key(0))
 
     params = quantize_params(params, weights_dtype)
+    if weights_dtype != "float32" and jax.default_backend() == "cpu" and (why := cpu_kernels.unavailable()):
+        warnings.warn(f"{why}; decoding from {weights_dtype} weights widens them to float32 every step, "
+                      "slower than float32 weights", stacklevel=2)
     # The model only ever sees the last context_length tokens; older prompt tokens pass through.
     context = cfg.context_length
     head, prompt = ids[:, : max(0, ids.shape[1] - context)], ids[:, -context:].astype(np.int32)

@@ -1,6 +1,8 @@
 """gptjax.platform: each platform's variant computes what the others compute (values and gradients),
 and each compiled program holds its own platform's variants, whatever jax.default_backend() says."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,13 @@ def test_one_function_lowered_for_two_platforms_gets_each_its_own():
     assert fused_shape not in cpu and "tensor<2x16x256xf32>" not in cpu
     assert fused_shape in cuda and "tensor<2x16x256xf32>" in cuda  # fused QKV, padded vocabulary
     assert fused_shape in tpu and "tensor<2x16x256xf32>" not in tpu  # fused QKV, vocabulary as it is
+
+
+def test_cpu_attention_skips_the_masked_half():
+    """The CPU program's attention never makes a [seq, seq] score array; the TPU program's (XLA's) does."""
+    x = jax.ShapeDtypeStruct((1, 512, 2, 16), jnp.float32)
+    grad = jax.grad(lambda q, k, v: jnp.sum(platform.self_attention(q, k, v)), argnums=(0, 1, 2))
+    traced = jax.jit(grad).trace(x, x, x)
+    # compiled: the lowered CPU program still carries zeros for the other branches' residuals
+    assert not re.search(r"f32\[[0-9,]*512,512\]", traced.lower(lowering_platforms=("cpu",)).compile().as_text())
+    assert "512x512xf32" in traced.lower(lowering_platforms=("tpu",)).as_text()

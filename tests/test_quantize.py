@@ -74,21 +74,38 @@ def test_unknown_weights_dtype_is_refused():
         generate(params, CFG.replace(vocab_size=101), np.zeros((1, 3), np.int32), 2, weights_dtype="int4")
 
 
-def test_decode_loop_dequantizes_inside_each_step():
-    """No float32 copy of a kernel is made outside the decode loops (XLA would hoist it there and keep
-    it for the whole decode): the compiled program's entry holds out_head only as int8."""
-    cfg = CFG.replace(vocab_size=101)
-    params = jax.eval_shape(lambda p: quantize_params(p, "int8"), gptjax.abstract_params(cfg))
-    cache = [{name: jax.ShapeDtypeStruct((1, cfg.n_heads, 64, cfg.head_dim), jnp.float32) for name in ("k", "v")}
+def compiled_decode(cfg, params, batch):
+    cache = [{name: jax.ShapeDtypeStruct((batch, cfg.n_heads, 64, cfg.head_dim), jnp.float32) for name in ("k", "v")}
              for _ in range(cfg.n_layers)]
     i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    hlo = _decode.lower(params, cfg, jax.ShapeDtypeStruct((1, 64), jnp.int32), cache,
-                        jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32), i32, i32, i32, jax.random.key(0),
-                        f32, f32, greedy=True, top_k=None, use_top_p=False).compile().as_text()
+    return _decode.lower(params, cfg, jax.ShapeDtypeStruct((batch, 64), jnp.int32), cache,
+                         jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32), i32, i32, i32, jax.random.key(0),
+                         f32, f32, greedy=True, top_k=None, use_top_p=False).compile().as_text()
+
+
+def test_decode_steps_read_the_stored_weights():
+    """Up to 8 rows, every matmul of a CPU decode step reads the int8 kernels where they lie (the compiled
+    kernel): no float32 copy of out_head exists anywhere in the program."""
+    cfg = CFG.replace(vocab_size=101)
+    params = jax.eval_shape(lambda p: quantize_params(p, "int8"), gptjax.abstract_params(cfg))
+    hlo = compiled_decode(cfg, params, batch=1)
+    head = f"[{cfg.emb_dim},{cfg.vocab_size}]"
+    assert "s8" + head in hlo and "f32" + head not in hlo
+    assert "gptjax_matmul_int8" in hlo
+
+
+def test_widened_decode_steps_widen_inside_the_loop():
+    """Past 8 rows each step widens the kernels for XLA's dot; no float32 copy of a kernel is made outside
+    the decode loops (XLA would hoist it there and keep it for the whole decode): the compiled program's
+    entry holds out_head only as int8."""
+    cfg = CFG.replace(vocab_size=101)
+    params = jax.eval_shape(lambda p: quantize_params(p, "int8"), gptjax.abstract_params(cfg))
+    hlo = compiled_decode(cfg, params, batch=9)
     entry = hlo[hlo.index("\nENTRY"):]
     head = f"[{cfg.emb_dim},{cfg.vocab_size}]"
     assert "s8" + head in entry and "f32" + head not in entry
-    assert "f32" + head in hlo  # ... and dequantized inside the loop
+    assert "f32" + head in hlo  # ... and widened inside the loop
+    assert "gptjax_matmul" not in hlo
 
 
 # --- quality on a trained checkpoint -------------------------------------------------------------
@@ -134,7 +151,7 @@ def greedy_texts(params, cfg, prompt, new_tokens=GREEDY_TOKENS):
 
 def quality(params, cfg, val, weights_dtype):
     """Largest logit error on the first validation batch and the validation perplexity, float32 and quantized."""
-    quantized = dequantize_params(quantize_params(params, weights_dtype))  # the weights a decode step uses
+    quantized = quantize_params(params, weights_dtype)
     inputs, _ = next(iter(val))
     reference, got = gptjax.apply(params, cfg, inputs), gptjax.apply(quantized, cfg, inputs)
     logit_err = float(np.abs(np.asarray(got) - np.asarray(reference)).max())

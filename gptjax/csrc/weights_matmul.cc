@@ -1,0 +1,255 @@
+// y = x @ dequantize(w) for small batches, reading the weights as stored (bfloat16, or int8 with one
+// float32 scale per output column): the XLA FFI targets behind gptjax.cpu_kernels.
+//
+// Why this exists: XLA:CPU has no dot that reads bfloat16 or int8 weights next to float32 activations;
+// it converts the whole kernel to a float32 buffer first, so decoding from smaller weights reads more
+// memory than float32 does (benchmarks/NOTES.md). A decode step at batch 1 is a chain of
+// matrix-vector products bound by the bytes of weight they read, so reading 2 or 1 bytes per weight
+// instead of 4 is the whole speed-up. Weights are widened to float32 in registers; activations,
+// products and sums stay float32 (weight-only quantization). The order of the sums is fixed by the
+// shapes alone, so results do not depend on which thread computed what.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Batch rows one call handles (the Python side uses XLA's dot above): the part of y a task accumulates,
+// [rows, its columns] float32, has to stay in its core's L2 cache.
+constexpr int64_t kMaxRows = 8;
+
+inline float widen(uint16_t w) {
+  uint32_t bits = static_cast<uint32_t>(w) << 16;  // bfloat16 is the top half of a float32
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float widen(int8_t w) { return static_cast<float>(w); }
+
+// A task's share: y[r, j0:j1] = sum over i in [i0, i1) of x[r, i] * w[i, j], for r < m, written over
+// y (row stride n). The portable loop goes one weight row at a time.
+template <typename W>
+void block_portable(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t i0,
+                    int64_t i1, int64_t j0, int64_t j1) {
+  for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
+  for (int64_t i = i0; i < i1; ++i) {
+    const W* row = w + i * n;
+    for (int64_t r = 0; r < m; ++r) {
+      const float xi = x[r * k + i];
+      float* a = y + r * n;
+      for (int64_t j = j0; j < j1; ++j) a[j] += xi * widen(row[j]);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GPTJAX_AVX512 1
+
+// Sixteen stored weights widened to float32 in one register.
+__attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const uint16_t* w) {
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const int8_t* w) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+
+// The same share with AVX-512: eight weight rows of 16 columns are widened into registers once and used
+// by every batch row, so y's part is loaded and stored once per eight rows (faster than four, measured);
+// each output still sums its rows in order. Columns past the last multiple of 16 and a last group of
+// fewer than eight rows take the portable loop's arithmetic.
+template <typename W>
+__attribute__((target("avx512f"))) void block_avx512(const float* x, const W* w, float* y, int64_t m, int64_t k,
+                                                     int64_t n, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  const int64_t j16 = j0 + (j1 - j0) / 16 * 16;
+  for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const W* w0 = w + i * n;
+    for (int64_t j = j0; j < j16; j += 16) {
+      const __m512 a = widen16(w0 + j), b = widen16(w0 + n + j), c = widen16(w0 + 2 * n + j),
+                   d = widen16(w0 + 3 * n + j), e = widen16(w0 + 4 * n + j), f = widen16(w0 + 5 * n + j),
+                   g = widen16(w0 + 6 * n + j), h = widen16(w0 + 7 * n + j);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * k + i;
+        float* out = y + r * n + j;
+        __m512 s = _mm512_loadu_ps(out);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[0]), a, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[1]), b, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[2]), c, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[3]), d, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[4]), e, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[5]), f, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[6]), g, s);
+        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[7]), h, s);
+        _mm512_storeu_ps(out, s);
+      }
+    }
+    for (int64_t q = 0; q < 8; ++q) {
+      for (int64_t r = 0; r < m; ++r) {
+        const float xi = x[r * k + i + q];
+        for (int64_t j = j16; j < j1; ++j) y[r * n + j] += xi * widen(w[(i + q) * n + j]);
+      }
+    }
+  }
+  for (; i < i1; ++i) {
+    for (int64_t r = 0; r < m; ++r) {
+      const float xi = x[r * k + i];
+      for (int64_t j = j0; j < j1; ++j) y[r * n + j] += xi * widen(w[i * n + j]);
+    }
+  }
+}
+#endif
+
+// `portable` forces the portable loop (the tests check it on AVX-512 machines too).
+template <typename W>
+void block(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t i0, int64_t i1,
+           int64_t j0, int64_t j1, bool portable) {
+#ifdef GPTJAX_AVX512
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (avx512 && !portable) return block_avx512(x, w, y, m, k, n, i0, i1, j0, j1);
+#endif
+  block_portable(x, w, y, m, k, n, i0, i1, j0, j1);
+}
+
+// Tasks are handed out through an atomic counter to the calling thread and to helpers queued on XLA's
+// intra-op pool. The caller works too and waits only for tasks already taken, so the call finishes even
+// when no pool thread is free (XLA may run several custom calls at once on its pool), and a helper that
+// wakes late still takes what is left.
+struct Tasks {
+  explicit Tasks(int64_t count) : count(count) {}
+  const int64_t count;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+template <typename Fn>
+void run_tasks(ffi::ThreadPool& pool, int64_t threads, int64_t count, Fn fn) {
+  auto tasks = std::make_shared<Tasks>(count);
+  auto work = [tasks, fn]() {
+    for (int64_t t; (t = tasks->next.fetch_add(1)) < tasks->count;) {
+      fn(t);
+      tasks->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < std::min(threads, count); ++t) pool.Schedule(std::function<void()>(work));
+  work();
+  while (tasks->done.load(std::memory_order_acquire) < count) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
+// Each task reads one contiguous stretch of the weights, so the hardware prefetcher streams it:
+// - wide kernels (out_head, 50257 columns) are split by columns, each task taking every row's segment
+//   of its columns (tens of KiB contiguous per row);
+// - narrow ones (768 or 3072 columns, rows of a few KiB) by rows, each task a block of whole rows
+//   into a float32 partial sum of y, the partials added in task order afterwards. Split by columns,
+//   their tasks read every row in short pieces: in a decode-shaped chain of calls (gpt2-small's 73
+//   matmuls) on this project's 2-core AVX-512 machine, bfloat16 took 13.7 ms that way, 11.2 ms by rows.
+// One task per thread: more, smaller tasks (four per thread) measured slower.
+constexpr int64_t kWideRowBytes = 64 * 1024;
+
+template <typename W>
+void matmul(ffi::ThreadPool& pool, const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k,
+            int64_t n, bool portable) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (n * static_cast<int64_t>(sizeof(W)) >= kWideRowBytes || k < 8 * threads) {
+    const int64_t width = ((n + threads - 1) / threads + 15) / 16 * 16;
+    run_tasks(pool, threads, (n + width - 1) / width, [=](int64_t t) {
+      const int64_t j0 = t * width, j1 = std::min(n, j0 + width);
+      block(x, w, y, m, k, n, 0, k, j0, j1, portable);
+      if (scale != nullptr) {
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t j = j0; j < j1; ++j) y[r * n + j] *= scale[j];
+        }
+      }
+    });
+    return;
+  }
+  const int64_t rows = (k / threads + 7) / 8 * 8;  // a multiple of the eight rows widened at once
+  const int64_t count = (k + rows - 1) / rows;
+  std::vector<float> partial(static_cast<size_t>(count * m * n));
+  float* p = partial.data();
+  run_tasks(pool, threads, count, [=](int64_t t) {
+    block(x, w, p + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n, portable);
+  });
+  for (int64_t r = 0; r < m; ++r) {
+    float* out = y + r * n;
+    std::copy(p + r * n, p + (r + 1) * n, out);
+    for (int64_t t = 1; t < count; ++t) {
+      const float* part = p + (t * m + r) * n;
+      for (int64_t j = 0; j < n; ++j) out[j] += part[j];
+    }
+    if (scale != nullptr) {
+      for (int64_t j = 0; j < n; ++j) out[j] *= scale[j];
+    }
+  }
+}
+
+ffi::Error check_shapes(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w, ffi::AnyBuffer::Dimensions y) {
+  if (x.size() != 2 || w.size() != 2 || y.size() != 2) {
+    return ffi::Error::InvalidArgument("weights_matmul: x, w and y must be matrices");
+  }
+  if (x[1] != w[0] || y[0] != x[0] || y[1] != w[1]) {
+    return ffi::Error::InvalidArgument("weights_matmul: shapes must be x [m, k], w [k, n], y [m, n]");
+  }
+  if (x[0] > kMaxRows) {
+    return ffi::Error::InvalidArgument("weights_matmul: at most 8 rows of x");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::ResultBuffer<ffi::F32> y, bool portable) {
+  if (ffi::Error e = check_shapes(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
+  matmul(pool, x.typed_data(), reinterpret_cast<const uint16_t*>(w.typed_data()), nullptr, y->typed_data(),
+         x.dimensions()[0], x.dimensions()[1], w.dimensions()[1], portable);
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool portable) {
+  if (ffi::Error e = check_shapes(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
+  if (scale.dimensions().size() != 1 || scale.dimensions()[0] != w.dimensions()[1]) {
+    return ffi::Error::InvalidArgument("weights_matmul: scale must have one entry per column of w");
+  }
+  matmul(pool, x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), x.dimensions()[0],
+         x.dimensions()[1], w.dimensions()[1], portable);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The library is built with hidden visibility; only the two handlers are its interface.
+#define GPTJAX_EXPORT extern "C" __attribute__((visibility("default")))
+GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulBf16(XLA_FFI_CallFrame* call_frame);
+GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulInt8(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulBf16, MatmulBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("portable"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulInt8, MatmulInt8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("portable"));

@@ -1,0 +1,34 @@
+"""Builds gptjax's one compiled part, the CPU matmul for bfloat16/int8 weights (gptjax/cpu_kernels.py).
+
+Everything else is in pyproject.toml. The extension is optional: without a C++ compiler gptjax installs
+without it and decodes from bfloat16/int8 weights through XLA's dot instead (gptjax.cpu_kernels says so).
+"""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+
+
+def xla_ffi_include() -> str:
+    # jax.ffi.include_dir() without importing jax: the XLA FFI headers ship inside jaxlib.
+    import importlib.util
+
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("building gptjax needs jaxlib for the XLA FFI headers (pyproject.toml's build requirements)")
+    return os.path.join(spec.submodule_search_locations[0], "include")
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "gptjax._weights_matmul",
+            sources=["gptjax/csrc/weights_matmul.cc"],
+            include_dirs=[xla_ffi_include()],
+            language="c++",
+            extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+            optional=True,
+        )
+    ],
+)
