@@ -66,7 +66,7 @@ from flax import nnx
 
 from gptjax import cpu_kernels
 from gptjax.attention import blocked_causal_attention
-from gptjax.quantize import QuantizedKernel, dequantize_kernel, is_stored_kernel
+from gptjax.quantize import QuantizedKernel, dequantize_kernel
 
 Linear = nnx.Linear
 VOCAB_MULTIPLE = 64
@@ -96,10 +96,11 @@ def layer_norm_mean(x: jax.Array) -> jax.Array:
 
 
 def _reads_stored(kernel: Any, compute_dtype: Any) -> bool:
-    # A bfloat16 kernel in a bfloat16 layer is ordinary mixed precision, not a stored format.
+    """Whether a Linear kernel is a stored small format: int8, or bfloat16 in a layer computing in float32
+    (a bfloat16 kernel in a bfloat16 layer is ordinary mixed precision)."""
     if isinstance(kernel, QuantizedKernel):
         return True
-    return is_stored_kernel(kernel) and jnp.dtype(compute_dtype or jnp.float32) != jnp.bfloat16
+    return kernel.dtype == jnp.bfloat16 and jnp.dtype(compute_dtype or jnp.float32) != jnp.bfloat16
 
 
 def _dense_kernel(layer: Linear) -> jax.Array:
@@ -141,7 +142,7 @@ def linear_promote_dtype(args: tuple, *, dtype: Any = None, **kwargs) -> tuple:
 def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwargs) -> jax.Array:
     """A Linear layer's ``lax.dot_general``; a stored kernel (left unpromoted by
     :func:`linear_promote_dtype`) goes through :func:`stored_weights_matmul`."""
-    if isinstance(kernel, QuantizedKernel) or kernel.dtype != x.dtype:
+    if _reads_stored(kernel, x.dtype):  # x is already in the layer's compute dtype
         return stored_weights_matmul(x, kernel)
     return jax.lax.dot_general(x, kernel, dimension_numbers, **kwargs)
 

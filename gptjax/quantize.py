@@ -53,12 +53,6 @@ class QuantizedKernel:
         return self
 
 
-def is_stored_kernel(kernel: Any) -> bool:
-    """Whether a Linear kernel is a stored small format (int8, or bfloat16 used with float32 compute)
-    rather than an array in the layer's compute dtype."""
-    return isinstance(kernel, QuantizedKernel) or getattr(kernel, "dtype", None) == jnp.bfloat16
-
-
 def dequantize_kernel(kernel: jax.Array | QuantizedKernel) -> jax.Array:
     """The float32 kernel a stored one stands for."""
     if isinstance(kernel, QuantizedKernel):
