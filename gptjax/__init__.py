@@ -1,5 +1,10 @@
 """gptjax: the GPT-2 model of *Build a Large Language Model (From Scratch)*, chapter 5, in JAX/Flax."""
 
+# First, before anything can start a jax backend: every command and notebook imports gptjax.
+from gptjax.jax_start import start_present_platforms_only
+
+start_present_platforms_only()
+
 from gptjax.config import GPT_CONFIG_124M, PRESETS, GPTConfig, get_config
 from gptjax.model import (
     GPTModel,

@@ -12,6 +12,7 @@ import re
 import sys
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
@@ -117,12 +118,31 @@ def add_n_heads_flag(p: argparse.ArgumentParser) -> None:
                    "(default: from the weights' config, else GPT-2's 64-wide heads, with a notice)")
 
 
+def is_hub_id_flag(weights: str) -> bool:
+    """Whether the tools read ``weights`` as a Hugging Face Hub model id (from its cache, else downloaded)
+    rather than a path: the question :func:`gptjax.weights.load_weights` asks, no such path and id-shaped."""
+    from gptjax.weights.hf import is_hub_id
+
+    return not Path(weights).exists() and is_hub_id(weights)
+
+
+def weights_record(weights: str) -> str:
+    """How a run records the weights it started from: a path made absolute (a resumed run finds it from any
+    directory), a Hub model id as typed (resolved through the cache again)."""
+    return weights if is_hub_id_flag(weights) else str(Path(weights).absolute())
+
+
 def load_weights_flag(weights: str, n_heads: int | None, *, flag_name: str = "--weights") -> tuple[Params, GPTConfig]:
-    """``load_weights(weights)`` for a CLI: a head count the weights do not hold comes from ``--n-heads``
-    (else the assumed one is printed as one notice), and a ``--n-heads`` that contradicts them is an error."""
+    """``load_weights(weights)`` for a CLI: a path or a Hub model id (:func:`is_hub_id_flag`), whose lookup
+    errors are the loader's (they name the cache and HF_HUB_OFFLINE); a head count the weights do not hold
+    comes from ``--n-heads`` (else the assumed one is printed as one notice), and a ``--n-heads`` that
+    contradicts them is an error."""
     from gptjax.weights import load_weights
     from gptjax.weights.mapping import ARCH_FIELDS, AssumedHeadsWarning, UnknownHeadsError
 
+    if not Path(weights).exists() and not is_hub_id_flag(weights):
+        raise FileNotFoundError(f"{flag_name} {weights}: no such file or directory, nor a Hugging Face model id "
+                                "(owner/name, or gpt2, gpt2-medium, gpt2-large, gpt2-xl)")
     if n_heads is not None and n_heads < 1:
         raise ValueError(f"--n-heads must be at least 1, got {n_heads}")
     with warnings.catch_warnings(record=True) as caught:

@@ -1,8 +1,10 @@
 """Training data: the book's sliding-window dataset and a seeded, resumable batch loader.
 
 Text corpora are tokenized in memory (the book's ``create_dataloader_v1``). Corpora larger than memory are
-tokenized once by ``scripts/prepare_corpus.py`` into flat uint16 token files that are read through a numpy
-memmap: ``GPTDataset`` only ever slices the windows it is asked for, so the file is never loaded whole.
+tokenized once by ``python -m gptjax.prepare`` into llm.c's token shards (a 256 x int32 header, then uint16
+tokens), read through numpy memmaps: ``GPTDataset`` only ever slices the windows it is asked for, so no file
+is ever loaded whole. :func:`load_data_dir` also reads llm.c's and modded-nanogpt's shard folders and nanoGPT's
+headerless train.bin / val.bin.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from gptjax.tokenizer import ENDOFTEXT, get_tokenizer
 # Token files are raw little-endian uint16 (GPT-2's 50,257 ids fit), as in nanoGPT: no header, so any tool
 # can read them and the token count is the file size / 2.
 TOKEN_DTYPE = np.dtype("<u2")
+# llm.c's token shards (dev/data/data_common.py write_datafile): 256 int32s (magic, version, token count, then
+# zeros), then the tokens; version 1 is GPT-2's uint16 tokens.
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1
+HEADER_DTYPE = np.dtype("<i4")
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * HEADER_DTYPE.itemsize
+PREPARE_HINT = "make it with python -m gptjax.prepare"
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -64,7 +73,7 @@ class GPTDataset:
 
     def __init__(self, token_ids: np.ndarray | Sequence[int], max_length: int, stride: int):
         _check_positive(max_length=max_length, stride=stride)
-        ids = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
+        ids = token_ids if isinstance(token_ids, (np.ndarray, TokenShards)) else np.asarray(token_ids)
         if ids.ndim == 2 and ids.shape[0] == 1:  # text_to_token_ids' [1, n]
             ids = ids[0]
         if ids.ndim != 1:
@@ -155,27 +164,133 @@ def create_dataloader(
     return DataLoader(dataset, batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed)
 
 
-def write_token_file(path: str | os.PathLike, ids: np.ndarray | Sequence[int]) -> None:
-    """Write token ids as a raw uint16 file, atomically."""
+def as_tokens(ids: np.ndarray | Sequence[int]) -> np.ndarray:
+    """Token ids as uint16, checked to fit."""
     ids = np.asarray(ids)
     if ids.ndim != 1:
         raise ValueError(f"token ids must be one sequence of shape [n], got shape {ids.shape}")
     if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max):
         raise ValueError(f"token ids must be integers in [0, 65535] to fit a uint16 token file, "
                          f"got dtype {ids.dtype} with range [{ids.min()}, {ids.max()}]")
+    return ids.astype(TOKEN_DTYPE, copy=False)
+
+
+def write_token_file(path: str | os.PathLike, ids: np.ndarray | Sequence[int]) -> None:
+    """Write token ids as a raw uint16 file, atomically."""
+    ids = as_tokens(ids)
     with atomic_file(path) as tmp:
-        ids.astype(TOKEN_DTYPE, copy=False).tofile(tmp)
+        ids.tofile(tmp)
 
 
 def load_token_file(path: str | os.PathLike) -> np.memmap:
     """A uint16 token file as a read-only memmap: nothing is read until sliced."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"token file {path} not found; make it with scripts/prepare_corpus.py")
+        raise FileNotFoundError(f"token file {path} not found; {PREPARE_HINT}")
     size = path.stat().st_size
     if size == 0:
-        raise ValueError(f"token file {path} is empty; remake it with scripts/prepare_corpus.py from more text")
+        raise ValueError(f"token file {path} is empty; remake it with python -m gptjax.prepare from more text")
     if size % TOKEN_DTYPE.itemsize:
         raise ValueError(f"{path} is not a uint16 token file (its size, {size} bytes, is odd); "
-                         "make it with scripts/prepare_corpus.py")
+                         f"{PREPARE_HINT}")
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+
+
+# ---------------------------------------------------------------------------------------------
+# llm.c token shards
+
+
+def shard_header(n_tokens: int) -> bytes:
+    """The 1,024-byte header of a shard of ``n_tokens`` GPT-2 tokens."""
+    if not 0 <= n_tokens < 2**31:
+        raise ValueError(f"a shard holds 0 to 2**31 - 1 tokens (the header's int32 count), got {n_tokens}")
+    header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, n_tokens
+    return header.tobytes()
+
+
+def write_shard(path: str | os.PathLike, ids: np.ndarray | Sequence[int]) -> None:
+    """Write token ids as an llm.c shard, atomically."""
+    ids = as_tokens(ids)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(shard_header(len(ids)))
+        ids.tofile(f)
+
+
+def load_shard(path: str | os.PathLike) -> np.memmap:
+    """An llm.c shard's tokens as a read-only memmap, its header checked (magic, version, token count)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"token shard {path} is truncated: {size} bytes, less than its {HEADER_BYTES}-byte header; "
+                         f"remake it ({PREPARE_HINT})")
+    magic, version, n = np.fromfile(path, dtype=HEADER_DTYPE, count=3)
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path} is not an llm.c token shard: its header starts with {magic}, not the magic "
+                         f"{SHARD_MAGIC}; {PREPARE_HINT}")
+    if version != SHARD_VERSION:
+        raise ValueError(f"token shard {path} has version {version}; gptjax reads version {SHARD_VERSION} (GPT-2's "
+                         "uint16 tokens; version 7 is llama-3's uint32 tokens)")
+    want = HEADER_BYTES + int(n) * TOKEN_DTYPE.itemsize
+    if n <= 0 or size != want:
+        raise ValueError(f"token shard {path} is truncated or damaged: its header counts {n} tokens ({want} bytes) "
+                         f"but the file has {size} bytes; remake it ({PREPARE_HINT})")
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(int(n),))
+
+
+class TokenShards:
+    """Token files read as one sequence, the shards one after another (llm.c cuts documents across shards, so
+    a window may span two). Slicing reads only the shards the slice touches."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        if not parts:
+            raise ValueError("TokenShards needs at least one token file")
+        self.parts = list(parts)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.dtype, self.ndim = TOKEN_DTYPE, 1
+        self.size = int(self.offsets[-1])
+        self.shape = (self.size,)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenShards supports contiguous slices only, e.g. tokens[a:b]")
+        start, stop, _ = key.indices(self.size)
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        i = first
+        while start < stop:
+            lo = start - int(self.offsets[i])
+            take = min(stop - start, len(self.parts[i]) - lo)
+            pieces.append(self.parts[i][lo : lo + take])
+            start, i = start + take, i + 1
+        return np.concatenate(pieces) if pieces else np.empty(0, TOKEN_DTYPE)
+
+
+def shard_paths(data_dir: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """The (train, val) llm.c shards of a folder, in name order (their index is zero-padded)."""
+    d = Path(data_dir)
+    return sorted(d.glob("*_train_*.bin")), sorted(d.glob("*_val_*.bin"))
+
+
+def load_data_dir(data_dir: str | os.PathLike) -> tuple[np.ndarray | TokenShards, np.ndarray | TokenShards]:
+    """(train, val) tokens of a folder: llm.c / modded-nanogpt shards (``*_train_*.bin``, ``*_val_*.bin``, the
+    files of each split read as one sequence), else nanoGPT's (and gptjax's earlier) headerless train.bin and
+    val.bin. Every header is checked here, before any training."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"--data-dir {d} is not a folder; {PREPARE_HINT} --out {d}")
+    train, val = shard_paths(d)
+    if train or val:
+        if not (train and val):
+            have, lack = ("train", "val") if train else ("val", "train")
+            raise ValueError(f"--data-dir {d} has *_{have}_*.bin shards but no *_{lack}_*.bin shard; both splits "
+                             "are needed")
+        return tuple(p[0] if len(p) == 1 else TokenShards(p)
+                     for p in ([load_shard(f) for f in train], [load_shard(f) for f in val]))
+    if not (d / "train.bin").exists() and not (d / "val.bin").exists():
+        raise FileNotFoundError(f"--data-dir {d} holds neither llm.c shards (*_train_*.bin, *_val_*.bin) nor "
+                                f"train.bin and val.bin; {PREPARE_HINT} --out {d}")
+    return load_token_file(d / "train.bin"), load_token_file(d / "val.bin")

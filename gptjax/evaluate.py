@@ -1,10 +1,15 @@
 """Training and validation loss of some weights on a text, as chapter 5 reports them.
 
     python -m gptjax.evaluate --weights PATH [--corpus FILE] [--context-length N]
+    python -m gptjax.evaluate --weights PATH --hellaswag hellaswag_val.jsonl
 
 The text (default: the bundled the-verdict.txt) is split 90/10 by characters; windows of the context
 length (the model's, or --context-length) with stride = context length, batches of 2, every batch
 averaged. For GPT-2 124M on the-verdict at --context-length 256 the book reports train 3.755, val 3.560.
+
+With --hellaswag, HellaSwag is scored instead, as nanoGPT and llm.c score it (gptjax.hellaswag): acc by
+each ending's summed loss, acc_norm by its mean loss per token. For OpenAI's GPT-2 124M on the full
+validation set (10,042 examples) llm.c reports acc_norm 0.2955.
 
 For a training run, the weights are its latest checkpoint, which is usually later than the run's last
 evaluation in metrics.jsonl; the step evaluated is printed.
@@ -26,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m gptjax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder (required)")
+                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder, or a "
+                        "Hugging Face model id (required)")
     parser.add_argument("--corpus", default=None, metavar="TXT",
                         help="UTF-8 text file (default: the bundled the-verdict.txt)")
     parser.add_argument("--context-length", type=int, default=None, metavar="N",
@@ -34,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2, metavar="N", help="windows per batch (default: 2)")
     parser.add_argument("--train-ratio", type=float, default=0.9, metavar="X",
                         help="share of the text in the training split (default: 0.9)")
+    parser.add_argument("--hellaswag", default=None, metavar="JSONL",
+                        help="score HellaSwag examples (the dataset's hellaswag_val.jsonl) instead of the corpus "
+                        "losses (default: none)")
     cli.add_n_heads_flag(parser)
     return parser
 
@@ -47,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--train-ratio must be between 0 and 1 (exclusive), got {args.train_ratio}")
         if args.context_length is not None and args.context_length < 1:
             raise ValueError(f"--context-length must be at least 1, got {args.context_length}")
+        if args.hellaswag is not None:
+            return _hellaswag(args)
         text = read_corpus(args.corpus) if args.corpus else load_default_corpus()
         try:
             train_text, val_text = split_text(text, args.train_ratio)
@@ -76,6 +87,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"weights {args.weights}{step}: {cfg}, context {context}")
     for name, loss in losses.items():
         print(f"{name:5s} loss {loss:.3f}  perplexity {perplexity(loss):.6g}")
+    return 0
+
+
+def _hellaswag(args: argparse.Namespace) -> int:
+    """--hellaswag: the examples are read before the (slower) weights, so a bad file fails first."""
+    from gptjax import hellaswag
+
+    if args.corpus is not None:
+        raise ValueError("--hellaswag scores its own examples: drop --corpus (or run once for each)")
+    examples = hellaswag.load_examples(args.hellaswag)
+    params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
+    hellaswag.check_fits(examples, cfg, args.hellaswag)
+    scores = hellaswag.score(params, cfg, examples, progress=True)
+    print(f"weights {args.weights}{_checkpoint_step(args.weights)}: {cfg}")
+    print(f"hellaswag {args.hellaswag}: {len(examples)} examples, acc {scores.acc:.4f}, "
+          f"acc_norm {scores.acc_norm:.4f}")
     return 0
 
 

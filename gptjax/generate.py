@@ -5,7 +5,8 @@
         [--weights-dtype {float32,bfloat16,int8}]
 
 PATH is anything gptjax.weights.load_weights reads (a training run or checkpoint directory, a
-torch state_dict .pth, safetensors / Hugging Face folder, OpenAI GPT-2 folder); the model config
+torch state_dict .pth, safetensors / Hugging Face folder, OpenAI GPT-2 folder), or a Hugging Face
+model id (gpt2-xl, owner/name: the Hugging Face cache's copy, else a download); the model config
 comes from the weights. Prints the prompt followed by its continuation.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m gptjax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder (required)")
+                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder, or a "
+                        "Hugging Face model id (required)")
     parser.add_argument("--prompt", required=True, help="the text to continue (required)")
     parser.add_argument("--max-new-tokens", type=int, default=25, metavar="N", help="tokens to add (default: 25)")
     parser.add_argument("--temperature", type=float, default=1.0, metavar="X",
@@ -64,8 +65,6 @@ def check_sampling_flags(args: argparse.Namespace, vocab_size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if not Path(args.weights).exists():
-            raise FileNotFoundError(f"--weights {args.weights}: no such file or directory")
         tokenizer = get_tokenizer()
         check_sampling_flags(args, tokenizer.n_vocab)
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)

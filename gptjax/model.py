@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import platform, sharding
+from gptjax import mesh_axes, platform
 from gptjax.config import GPTConfig
 
 Params = dict[str, Any]
@@ -192,7 +192,7 @@ class TransformerBlock(nnx.Module):
         pos: int | jax.Array = 0,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
-        x = platform.block_input(sharding.split_over_batch(x))
+        x = platform.block_input(mesh_axes.split_over_batch(x))
         shortcut = x
         x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos)
         # The residual stream stays float32: with bf16 compute, the branch output is promoted here.

@@ -20,13 +20,10 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gptjax.config import GPTConfig
-# A module import, not names: gptjax.model calls split_over_batch, so each imports the other.
 from gptjax import model
-
-MESH_AXES = ("data", "fsdp")
-# Batches are split over every mesh axis: FSDP is data parallelism with sharded state.
-BATCH_AXES = MESH_AXES
+from gptjax.config import GPTConfig
+# split_over_batch lives below gptjax.model, which calls it; it is a mesh tool all the same, so named here too.
+from gptjax.mesh_axes import BATCH_AXES, MESH_AXES, split_over_batch  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,20 +154,6 @@ def train_step_jit_kwargs(
 
 # ---------------------------------------------------------------------------------------------
 # Batches
-
-
-def split_over_batch(x: jax.Array) -> jax.Array:
-    """``x`` ([batch, ...]) kept split over the batch axes when traced for a mesh (the train step traces under
-    its mesh: ``make_train_step(mesh=...)``); unchanged otherwise.
-
-    Without it XLA's sharding propagation follows the fsdp-split weights into the activations and holds
-    whole-batch activations on every device: for four gpt2-xl-wide blocks at T=1024 and 8 rows per GPU
-    on 8 H100s with fsdp=8, 54 GiB of temporaries per device instead of the 11 GiB that one GPU with
-    those 8 rows needs (python -m gptjax.aot)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return x
-    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def batch_sharding(mesh: Mesh, grad_accum: int = 1) -> NamedSharding:

@@ -1,8 +1,8 @@
 """``python -m gptjax.train``: the book's pretraining run (chapter 5), writing a run directory.
 
 With no arguments it trains GPT_CONFIG_124M on the bundled the-verdict.txt exactly as the book does.
-The run directory (``--out``) gets config.json, metrics.jsonl, samples.txt, loss.png and orbax
-checkpoints; ``--resume RUN`` continues a stopped run step for step.
+The run directory (``--out``) gets config.json, metrics.jsonl, samples.txt, loss.png, TensorBoard event
+files (:mod:`gptjax.dashboard`) and orbax checkpoints; ``--resume RUN`` continues a stopped run step for step.
 
 ``--mesh data=N,fsdp=M`` trains on many devices (:mod:`gptjax.sharding`); started on every host of a
 cluster with ``--distributed`` (or ``--coordinator``/``--num-processes``/``--process-id``), it is one
@@ -26,10 +26,13 @@ import jax
 
 from jax.sharding import Mesh
 
-from gptjax import cli, sharding
+from tqdm.auto import tqdm
+
+from gptjax import cli, hellaswag, sharding
 from gptjax.atomic import atomic_file
 from gptjax.checkpoint import CHECKPOINTS, checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from gptjax.config import GPTConfig
+from gptjax.dashboard import Dashboards, check_wandb, new_wandb_id
 from gptjax.model import Params, abstract_params, init_params, param_count
 from gptjax.plot import plot_run
 from gptjax.training import (
@@ -51,7 +54,11 @@ DATA_FLAGS = ("corpus", "train_tokens", "val_tokens", "data_dir")
 DEVICE_FLAGS = ("mesh", "coordinator", "num_processes", "process_id", "distributed")
 # Settings that may change when resuming: they do not touch the arithmetic of training (a new mesh only
 # changes the order of floating-point sums).
-RESUME_OVERRIDES = ("max_steps", "save_every", "save_minutes", "keep", "progress", "peak_tflops", *DEVICE_FLAGS)
+# What a run reports and to where (config.json's "monitoring"): free to change when resuming too.
+MONITOR_FLAGS = ("tensorboard", "wandb", "hellaswag", "hellaswag_every")
+RESUME_OVERRIDES = ("max_steps", "save_every", "save_minutes", "keep", "progress", "peak_tflops", *DEVICE_FLAGS,
+                    *MONITOR_FLAGS)
+HELLASWAG_EVERY = 250
 METRICS, SAMPLES, CONFIG, PLOT = "metrics.jsonl", "samples.txt", "config.json", "loss.png"
 
 
@@ -67,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--corpus", metavar="TXT", help="UTF-8 text to train on (default: the bundled the-verdict.txt)")
-    g.add_argument("--train-tokens", metavar="BIN", help="uint16 token file for training (scripts/prepare_corpus.py) "
+    g.add_argument("--train-tokens", metavar="BIN", help="uint16 token file for training (nanoGPT's headerless train.bin) "
                    "(default: none, train on --corpus)")
     g.add_argument("--val-tokens", metavar="BIN", help="uint16 token file for validation (default: none)")
-    g.add_argument("--data-dir", metavar="DIR", help="DIR/train.bin and DIR/val.bin from scripts/prepare_corpus.py "
-                   "(default: none)")
+    g.add_argument("--data-dir", metavar="DIR", help="token shards from python -m gptjax.prepare, llm.c or "
+                   "modded-nanogpt (*_train_*.bin, *_val_*.bin), or nanoGPT's train.bin and val.bin (default: none)")
     cli.add_batch_flags(g)
     g.add_argument("--stride", type=int, metavar="N", help="step between window starts (default: the context length)")
     g.add_argument("--train-ratio", type=float, metavar="X", help=f"share of a text corpus used for training (default: {d.train_ratio})")
@@ -88,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-iter", type=int, metavar="N", help=f"batches per evaluation, each split (default: {d.eval_iter})")
     e.add_argument("--start-context", metavar="TEXT", help=f"prompt of the greedy sample after each epoch, '' for none "
                    f"(default: {d.start_context!r})")
+    e.add_argument("--hellaswag", metavar="JSONL", help="also score HellaSwag (the dataset's hellaswag_val.jsonl) "
+                   "and log hellaswag_acc_norm and hellaswag_acc (default: none)")
+    e.add_argument("--hellaswag-every", type=int, metavar="N", help="score --hellaswag every this many steps "
+                   f"(default: {HELLASWAG_EVERY})")
+
+    b = p.add_argument_group("dashboards")
+    b.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="no TensorBoard event files in the run directory (default: write them, for tensorboard "
+                   "--logdir runs)")
+    b.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project (needs "
+                   "pip install 'gptjax[wandb]'; WANDB_MODE=offline logs with no network) (default: none)")
 
     r = p.add_argument_group("run directory")
     r.add_argument("--out", metavar="DIR", help="run directory, new or empty (default: runs/<date>-<time>, e.g. "
@@ -196,6 +214,8 @@ def run(args: dict[str, Any]) -> Path:
         cfg, tcfg, data, params = _new_run(args)
     if mesh is not None:
         sharding.check_batch_size(tcfg.batch_size, mesh)
+    monitoring = _monitoring(args, _read_config(run_dir).get("monitoring", {}) if resuming else {})
+    examples = _hellaswag_examples(monitoring, cfg)
     train_loader, val_loader = build_loaders(data, cfg, tcfg)
     if not resuming:  # only once the data is known to be usable
         run_dir = _make_run_dir(args.get("out"))
@@ -228,7 +248,7 @@ def run(args: dict[str, Any]) -> Path:
         train_step = make_train_step(cfg, optimizer, **train_step_options(tcfg), jit_kwargs=jit_kwargs, mesh=mesh)
         train_loader, val_loader = sharding.ShardedLoader(train_loader, mesh), sharding.ShardedLoader(val_loader, mesh)
     if sharding.is_main_process():
-        _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader)
+        _write_config(run_dir, cfg, tcfg, data, n_steps, train_loader, val_loader, monitoring)
     _log(f"model: {param_count(abstract_params(cfg)):,} parameters, {cfg}")
     _log(f"data: {len(train_loader)} training and {len(val_loader)} validation batches of {tcfg.batch_size} x "
          f"{cfg.context_length} tokens, {n_steps} steps per epoch; run directory {run_dir}")
@@ -237,7 +257,7 @@ def run(args: dict[str, Any]) -> Path:
              f"{jax.process_count()} process(es)")
 
     signals = StopSignals()
-    hooks = RunWriter(run_dir, cfg, key, tcfg, signals)
+    hooks = RunWriter(run_dir, cfg, key, tcfg, signals, monitoring, examples, position.step)
     try:
         with signals:
             result = train_model_simple(
@@ -298,12 +318,43 @@ def _init_state(cfg: GPTConfig, optimizer, key: jax.Array, params: Params | None
     return params, sharding.init_sharded_opt_state(optimizer, params, mesh)
 
 
-class RunWriter(TrainHooks):
-    """Appends each event to the run directory and saves checkpoints: when the loop saves, and also every
-    ``tcfg.save_minutes`` and when ``signals`` asks the run to stop."""
+def _monitoring(args: dict[str, Any], stored: dict) -> dict:
+    """config.json's "monitoring": the dashboards and --hellaswag of the flags, else of ``stored`` (a
+    resumed run's), else the defaults; checked before any slow work."""
+    m = {"tensorboard": True, "wandb": None, "wandb_id": None, "hellaswag": None, "hellaswag_every": HELLASWAG_EVERY,
+         **stored, **{k: args[k] for k in MONITOR_FLAGS if k in args}}
+    if "hellaswag" in args:
+        m["hellaswag"] = str(Path(args["hellaswag"]).absolute())
+    if m["hellaswag_every"] < 1:
+        raise ValueError(f"--hellaswag-every must be at least 1, got {m['hellaswag_every']}")
+    if "hellaswag_every" in args and m["hellaswag"] is None:
+        raise ValueError("--hellaswag-every needs --hellaswag FILE, the HellaSwag examples to score")
+    if m["hellaswag"] is not None and jax.process_count() > 1:
+        raise ValueError("--hellaswag scores on one process; drop it from a multi-process run and score the "
+                         "checkpoints with python -m gptjax.evaluate --hellaswag")
+    if m["wandb"] is not None:
+        check_wandb()
+        if m["wandb_id"] is None:
+            m["wandb_id"] = new_wandb_id()
+    return m
 
-    def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, tcfg: TrainConfig, signals: "StopSignals"):
+
+def _hellaswag_examples(monitoring: dict, cfg: GPTConfig) -> list[hellaswag.Example] | None:
+    if monitoring["hellaswag"] is None:
+        return None
+    examples = hellaswag.load_examples(monitoring["hellaswag"])
+    hellaswag.check_fits(examples, cfg, monitoring["hellaswag"])
+    return examples
+
+
+class RunWriter(TrainHooks):
+    """Appends each event to the run directory and its dashboards, scores HellaSwag, and saves checkpoints:
+    when the loop saves, and also every ``tcfg.save_minutes`` and when ``signals`` asks the run to stop."""
+
+    def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, tcfg: TrainConfig, signals: "StopSignals",
+                 monitoring: dict, examples: list[hellaswag.Example] | None, start_step: int):
         self.run_dir, self.cfg, self.key, self.signals = run_dir, cfg, key, signals
+        self.examples, self.hellaswag_every = examples, monitoring["hellaswag_every"]
         self.save_seconds, self.last_save = 60 * tcfg.save_minutes, time.monotonic()
         self.manager = checkpoint_manager(run_dir, tcfg.keep)  # every process saves its shards
         # Only process 0 logs. Line-buffered appends: a killed run leaves whole lines (resume drops any past
@@ -311,18 +362,38 @@ class RunWriter(TrainHooks):
         self.logs = sharding.is_main_process()
         self.metrics = open(run_dir / METRICS, "a", buffering=1) if self.logs else None
         self.samples = open(run_dir / SAMPLES, "a", buffering=1) if self.logs else None
+        self.dashboards = None
+        if self.logs:
+            self.dashboards = Dashboards(run_dir, _read_config(run_dir), tensorboard=monitoring["tensorboard"],
+                                         wandb_project=monitoring["wandb"], wandb_id=monitoring["wandb_id"],
+                                         start_step=start_step)
 
     def on_step(self, record: dict) -> None:
         if self.logs:
             self.metrics.write(json.dumps(record) + "\n")
+            self.dashboards.log(record)
 
     def on_eval(self, record: dict) -> None:
         if self.logs:
             self.metrics.write(json.dumps(record) + "\n")
+            self.dashboards.log(record, position=False)
 
     def on_sample(self, epoch: int, step: int, text: str) -> None:
         if self.logs:
             self.samples.write(f"Ep {epoch} (Step {step:06d}): {text}\n")
+            self.dashboards.text("sample", text, step)
+
+    def benchmark_due(self, step: int) -> bool:
+        return self.examples is not None and step % self.hellaswag_every == 0
+
+    def on_benchmark(self, params: Params, record: dict) -> None:
+        scores = hellaswag.score(params, self.cfg, self.examples)
+        record = {**record, "hellaswag_acc": scores.acc, "hellaswag_acc_norm": scores.acc_norm}
+        if self.logs:
+            tqdm.write(f"Ep {record['epoch']} (Step {record['step']:06d}): HellaSwag acc_norm "
+                       f"{scores.acc_norm:.4f}, acc {scores.acc:.4f} ({len(self.examples)} examples)")
+            self.metrics.write(json.dumps(record) + "\n")
+            self.dashboards.log(record, position=False)
 
     def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
         save_checkpoint(self.manager, position, params, opt_state, self.key, self.cfg)
@@ -340,6 +411,7 @@ class RunWriter(TrainHooks):
         if self.logs:
             self.metrics.close()
             self.samples.close()
+            self.dashboards.close()
         self.manager.close()
 
 
@@ -368,7 +440,7 @@ def _new_run(args: dict[str, Any]) -> tuple[GPTConfig, TrainConfig, dict, Params
     tcfg = tcfg.replace(stride=tcfg.stride or cfg.context_length)
     if "out" in args:
         _check_out(Path(args["out"]))
-    init_from = str(Path(args["init_from"]).absolute()) if "init_from" in args else None
+    init_from = cli.weights_record(args["init_from"]) if "init_from" in args else None
     return cfg, tcfg, {**_data_spec(args), "init_from": init_from}, params
 
 
@@ -431,9 +503,8 @@ def _data_spec(args: dict[str, Any]) -> dict:
     if "data_dir" in args:
         if len(given) > 1:
             raise ValueError("--data-dir cannot be combined with --corpus, --train-tokens or --val-tokens")
-        d = Path(args["data_dir"])
-        return {"corpus": None, "train_tokens": str((d / "train.bin").absolute()),
-                "val_tokens": str((d / "val.bin").absolute())}
+        return {"corpus": None, "train_tokens": None, "val_tokens": None,
+                "data_dir": str(Path(args["data_dir"]).absolute())}
     if "train_tokens" in args or "val_tokens" in args:
         if "corpus" in args or not ("train_tokens" in args and "val_tokens" in args):
             raise ValueError("token files need both --train-tokens and --val-tokens, and no --corpus")
@@ -448,10 +519,13 @@ def build_loaders(data: dict, cfg: GPTConfig, tcfg: TrainConfig):
     """The book's loaders: shuffled training batches (last partial batch dropped) and ordered validation batches."""
     from gptjax import data as gdata
 
-    if data.get("train_tokens"):
+    if data.get("data_dir"):
+        train_src, val_src = gdata.load_data_dir(data["data_dir"])
+        names = (f"the training tokens of {data['data_dir']}", f"the validation tokens of {data['data_dir']}")
+    elif data.get("train_tokens"):
         for name in ("train_tokens", "val_tokens"):
             if not Path(data[name]).is_file():
-                raise FileNotFoundError(f"token file {data[name]} not found; make it with scripts/prepare_corpus.py")
+                raise FileNotFoundError(f"token file {data[name]} not found; {gdata.PREPARE_HINT}")
         train_src, val_src = gdata.load_token_file(data["train_tokens"]), gdata.load_token_file(data["val_tokens"])
         names = (data["train_tokens"], data["val_tokens"])
     else:
@@ -515,7 +589,7 @@ def _holds_run(run_dir: Path) -> bool:
 
 
 def _write_config(run_dir: Path, cfg: GPTConfig, tcfg: TrainConfig, data: dict, n_steps: int,
-                  train_loader, val_loader) -> None:
+                  train_loader, val_loader, monitoring: dict) -> None:
     config = {
         "model": cfg.to_dict(),
         "train": tcfg.to_dict(),
@@ -524,6 +598,7 @@ def _write_config(run_dir: Path, cfg: GPTConfig, tcfg: TrainConfig, data: dict, 
         "total_steps": tcfg.epochs * n_steps,
         "train_batches": len(train_loader),
         "val_batches": len(val_loader),
+        "monitoring": monitoring,
     }
     _atomic_write(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
 

@@ -342,6 +342,14 @@ class TrainHooks:
     def on_sample(self, epoch: int, step: int, text: str) -> None:
         """The greedy sample printed after each epoch."""
 
+    def benchmark_due(self, step: int) -> bool:
+        """Asked after each step: score the parameters after it on a benchmark (:meth:`on_benchmark`)?"""
+        return False
+
+    def on_benchmark(self, params: Params, record: dict) -> None:
+        """Score ``params``, those after step ``record["step"]`` (the record also has its epoch and
+        tokens_seen), on a benchmark such as HellaSwag, and log the result."""
+
     def on_checkpoint(self, position: Position, params: Params, opt_state: OptState) -> None:
         """Save now (every ``save_every`` steps, when :meth:`save_due`, when stopping, and at the end); the
         loss up to here is finite."""
@@ -545,6 +553,10 @@ def train_model_simple(
                                    f"Val loss {val_loss:.3f}")
                     hooks.on_eval({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen,
                                    "train_loss": train_loss, "val_loss": val_loss})
+
+                if hooks.benchmark_due(step):
+                    report_pending()  # so that the benchmark's time does not count as the step's
+                    hooks.on_benchmark(params, {"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen})
 
                 if pos.batch >= n_steps * tcfg.grad_accum:  # the epoch is complete
                     if tcfg.start_context:

@@ -1,6 +1,5 @@
-"""Data pipeline: the book's windows and batch counts, seeded/resumable shuffling, token files, prepare_corpus."""
+"""Data pipeline: the book's windows and batch counts, seeded/resumable shuffling, token files, llm.c shards and --data-dir folders."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -10,27 +9,21 @@ from gptjax.data import (
     DataLoader,
     GPTDataset,
     create_dataloader,
+    TokenShards,
+    load_data_dir,
+    load_shard,
     load_token_file,
     read_corpus,
     split_text,
+    write_shard,
     write_token_file,
 )
-from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer, load_default_corpus
-
-ROOT = Path(__file__).resolve().parent.parent
+from gptjax.tokenizer import ENDOFTEXT, get_tokenizer, load_default_corpus
 
 
 @pytest.fixture(scope="module")
 def verdict_splits():
     return split_text(load_default_corpus(), train_ratio=0.9)
-
-
-@pytest.fixture(scope="module")
-def prepare_corpus():
-    spec = importlib.util.spec_from_file_location("prepare_corpus", ROOT / "scripts" / "prepare_corpus.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def book_windows(ids, max_length, stride):
@@ -184,7 +177,7 @@ def test_write_token_file_rejects_ids_outside_uint16(tmp_path):
 
 
 def test_load_token_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare_corpus"):
+    with pytest.raises(FileNotFoundError, match="gptjax.prepare"):
         load_token_file(tmp_path / "missing.bin")
     (tmp_path / "odd.bin").write_bytes(b"abc")
     with pytest.raises(ValueError, match="odd"):
@@ -194,55 +187,61 @@ def test_load_token_file_errors(tmp_path):
         load_token_file(tmp_path / "empty.bin")
 
 
-# ---- prepare_corpus ----
+# ---- llm.c shards and --data-dir ----
 
 
-def test_prepare_corpus_end_to_end(tmp_path, prepare_corpus, capsys):
-    texts = ["Hello world, this is the first file.", "A second file, with <|endoftext|> inside.", "Third one!\n"]
-    paths = []
-    for i, t in enumerate(texts):
-        paths.append(tmp_path / f"f{i}.txt")
-        paths[-1].write_text(t, encoding="utf-8")
-    out = tmp_path / "out" / "corpus"
-    assert prepare_corpus.main([*map(str, paths), "--out", str(out), "--val-ratio", "0.25", "--no-progress"]) == 0
-
-    tok = get_tokenizer()
-    want = tok.encode(ENDOFTEXT.join(texts), allowed_special={ENDOFTEXT})
-    assert want.count(ENDOFTEXT_ID) == 3  # two separators and the one in the text
-    n_train = int(len(want) * 0.75)
-    train, val = load_token_file(out / "train.bin"), load_token_file(out / "val.bin")
-    np.testing.assert_array_equal(train, want[:n_train])
-    np.testing.assert_array_equal(val, want[n_train:])
-    assert sorted(p.name for p in out.iterdir()) == ["train.bin", "val.bin"]
-    printed = capsys.readouterr().out
-    assert f"{n_train:,} tokens" in printed and f"{len(want) - n_train:,} tokens" in printed
-
-    # the files feed the loaders directly
-    loader = create_dataloader(train, batch_size=2, max_length=4, stride=4, shuffle=False)
-    np.testing.assert_array_equal(next(iter(loader))[0][0], want[:4])
+def test_shards_read_as_one_sequence_across_boundaries(tmp_path):
+    parts = [np.arange(0, 7), np.arange(7, 10), np.arange(10, 30)]
+    write_shard(tmp_path / "c_val_000000.bin", [5, 6, 7])
+    for i, part in enumerate(parts, 1):
+        write_shard(tmp_path / f"c_train_{i:06d}.bin", part)
+    raw = (tmp_path / "c_train_000001.bin").read_bytes()
+    header = np.frombuffer(raw[:1024], dtype="<i4")  # as llm.c reads it
+    assert (header[0], header[1], header[2]) == (20240520, 1, 7) and not header[3:].any()
+    assert len(raw) == 1024 + 2 * 7
+    train, val = load_data_dir(tmp_path)
+    np.testing.assert_array_equal(val, [5, 6, 7])
+    assert isinstance(train, TokenShards) and len(train) == 30
+    for a, b in ((0, 30), (5, 12), (6, 7), (7, 10), (9, 11), (29, 30), (3, 3)):
+        np.testing.assert_array_equal(train[a:b], np.arange(a, b))
+    ds = GPTDataset(train, max_length=4, stride=3)  # windows span the shards
+    ref = GPTDataset(np.arange(30), max_length=4, stride=3)
+    assert len(ds) == len(ref)
+    for i in range(len(ds)):
+        for x, y in zip(ds[i], ref[i]):
+            np.testing.assert_array_equal(x, y)
 
 
-def test_prepare_corpus_errors(tmp_path, prepare_corpus, capsys):
-    good = tmp_path / "good.txt"
-    good.write_text("some text " * 20, encoding="utf-8")
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"caf\xe9 latin-1")
-    tiny = tmp_path / "tiny.txt"
-    tiny.write_text("hi", encoding="utf-8")
-    out = tmp_path / "out"
-    cases = [
-        ([], "no input files"),
-        ([str(tmp_path / "missing.txt"), str(good)], "not found: " + str(tmp_path / "missing.txt")),
-        ([str(good), str(bad)], "not UTF-8"),
-        ([str(good), "--val-ratio", "0"], "--val-ratio"),
-        ([str(tiny), "--val-ratio", "0.5"], "training split would be empty: the inputs have 1 tokens"),
-    ]
-    for args, message in cases:
-        assert prepare_corpus.main([*args, "--out", str(out), "--no-progress"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
-    # failures leave no token files or temp files behind
-    assert not out.exists() or list(out.iterdir()) == []
+def test_data_dir_reads_nanogpts_headerless_files(tmp_path):
+    write_token_file(tmp_path / "train.bin", np.arange(100))
+    write_token_file(tmp_path / "val.bin", np.arange(10))
+    train, val = load_data_dir(tmp_path)
+    np.testing.assert_array_equal(train, np.arange(100))
+    np.testing.assert_array_equal(val, np.arange(10))
+
+
+def test_bad_shards_are_one_error_naming_the_file(tmp_path):
+    good = tmp_path / "x_val_000000.bin"
+    write_shard(good, np.arange(50))
+    raw = good.read_bytes()
+    cases = {
+        "magic": raw[:0] + np.int32(12345).tobytes() + raw[4:],
+        "version 7": raw[:4] + np.int32(7).tobytes() + raw[8:],
+        "truncated": raw[:-2],
+        "header": raw[:100],
+    }
+    for message, data in cases.items():
+        bad = tmp_path / "x_train_000001.bin"
+        bad.write_bytes(data)
+        with pytest.raises(ValueError, match=message) as e:
+            load_data_dir(tmp_path)
+        assert str(bad) in str(e.value)
+    bad.unlink()
+    with pytest.raises(ValueError, match="no \\*_train_\\*.bin"):
+        load_data_dir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="gptjax.prepare"):
+        load_data_dir(tmp_path / "nothing")
+    np.testing.assert_array_equal(load_shard(good), np.arange(50))
 
 
 # ---- error cases ----

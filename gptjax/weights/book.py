@@ -1,4 +1,5 @@
-"""The book's PyTorch ``GPTModel`` state_dict (chapter 4/5 names), in and out.
+"""Name table: the book's PyTorch ``GPTModel`` state_dict (chapter 4/5 names: ``trf_blocks.0.att.W_query.weight``),
+in whatever file holds it (a torch ``.pth``, a safetensors file), and the torch ``.pth`` writer.
 
 torch is imported only inside the functions that need it, so the rest of gptjax runs without it.
 """
@@ -14,13 +15,12 @@ from typing import Any
 from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig, get_config
 from gptjax.model import Params
-from gptjax.weights.lazy import LazyTensors, release_pages
+from gptjax.weights.files import NamedTensors, import_torch, to_numpy
 from gptjax.weights.mapping import (
     Row,
     check_config,
     check_sidecar_free,
     config_beside,
-    one_line,
     params_from_tensors,
     sidecar_path,
     tensors_from_params,
@@ -28,9 +28,6 @@ from gptjax.weights.mapping import (
 )
 
 MASK_SUFFIX = ".att.mask"
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedDataParallel's
-HF_PREFIX = "transformer."
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
 
 
 def book_table(cfg: GPTConfig) -> list[Row]:
@@ -61,7 +58,7 @@ def book_table(cfg: GPTConfig) -> list[Row]:
 
 def from_torch_state_dict(state_dict: Mapping[str, Any], cfg: GPTConfig) -> Params:
     """Parameters from the book's ``GPTModel.state_dict()`` (the ``att.mask`` buffers may be absent)."""
-    tensors = {k: _to_numpy(v) for k, v in state_dict.items()}
+    tensors = {k: to_numpy(v) for k, v in state_dict.items()}
     return params_from_tensors(book_table(cfg), tensors, cfg, source="torch state_dict", ignore=(MASK_SUFFIX,))
 
 
@@ -74,12 +71,6 @@ def to_torch_state_dict(params: Params, cfg: GPTConfig) -> dict[str, Any]:
     for i in range(cfg.n_layers):
         state[f"trf_blocks.{i}{MASK_SUFFIX}"] = mask.clone()
     return state
-
-
-def _to_numpy(value: Any):
-    if hasattr(value, "detach"):  # a torch tensor; bfloat16 has no numpy dtype, so upcast first
-        return value.detach().to("cpu").float().numpy()
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,91 +115,27 @@ def _published_config(weights_file: Path, found: Mapping[str, Any]) -> GPTConfig
     return GPTConfig(**found, n_heads=preset.n_heads) if preset.emb_dim == found["emb_dim"] else None
 
 
-def load_book_tensors(
-    tensors: LazyTensors, path: Path, cfg: GPTConfig | None, *, source: str
-) -> tuple[Params, GPTConfig]:
-    """Parameters and config from book-named tensors read out of ``path``."""
-    cfg = config_from_tensors(tensors.shapes, cfg, path, source=source)
-    return params_from_tensors(book_table(cfg), tensors, cfg, source=source, ignore=(MASK_SUFFIX,)), cfg
+def claims(names) -> bool:
+    return "tok_emb.weight" in names
 
 
-def load_torch(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
-    """A torch.save'd book ``GPTModel.state_dict()`` (also of a ``torch.compile``d or DDP-wrapped model), the
-    book's ``{"model_state_dict": ..., "optimizer_state_dict": ...}`` checkpoint, or a transformers
-    ``pytorch_model.bin`` (GPT-2 names: read as Hugging Face weights)."""
-    path = Path(path)
-    tensors = read_torch(path)
-    if any(k.removeprefix(HF_PREFIX) == "wte.weight" for k in tensors):
-        from gptjax.weights.hf import load_hf_tensors
-
-        return load_hf_tensors(tensors, path.parent, cfg, source=f"torch checkpoint {path}")
-    return load_book_tensors(tensors, path, cfg, source=f"torch checkpoint {path}")
-
-
-def read_torch(path: Path) -> LazyTensors:
-    """The state_dict in a torch.save'd file, read with ``weights_only=True`` (no code runs), memory-mapped
-    (``mmap=True``) and handed out tensor by tensor, under its names without the ``_orig_mod.``
-    (torch.compile) and ``module.`` (DistributedDataParallel) prefixes of wrapped models."""
-    torch = _import_torch()
-    try:
-        with open(path, "rb") as f:
-            mapped = f.read(4) == ZIP_MAGIC  # torch < 1.6's format cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"torch checkpoint {path} not found") from None
-    except Exception as e:  # torch raises many types for a damaged or foreign file
-        raise ValueError(
-            f"cannot read torch checkpoint {path}: {one_line(e)}; the file is truncated, corrupt or not from torch.save"
-        ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise ValueError(
-            f"{path} holds a {type(obj).__name__}, not a state_dict of tensors (nor the book's "
-            "{'model_state_dict': ...} checkpoint); save model.state_dict()"
-        )
-    held: list[Any] = []
-
-    def read(name: str) -> Any:
-        # One mapping spans the whole file, and every page read stays resident with it: the pages of the
-        # tensor handed out before (copied into the parameters by now) go back. A view of it still in use
-        # reads them from the file again, so this costs time at worst, never data.
-        while held:
-            storage = held.pop().untyped_storage()
-            release_pages(storage.data_ptr(), storage.nbytes())
-        if mapped:
-            held.append(obj[name])
-        return _to_numpy(obj[name])
-
-    return LazyTensors({k: tuple(v.shape) for k, v in obj.items()}, read).renamed(unwrapped_name)
-
-
-def unwrapped_name(name: str) -> str:
-    """A state_dict key without the prefixes that wrapping a model in torch.compile or DDP adds."""
-    while name.startswith(WRAPPER_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name
+def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTConfig]:
+    """Parameters and config from book-named tensors (the ``att.mask`` buffers may be there or not)."""
+    cfg = config_from_tensors(found.tensors.shapes, cfg, found.weights_file, source=found.source)
+    return params_from_tensors(book_table(cfg), found.tensors, cfg, source=found.source, ignore=(MASK_SUFFIX,)), cfg
 
 
 def save_torch(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """torch.save the book's state_dict to ``path`` atomically, with the config (the head count is not in the
     tensor shapes) in its own file beside it: ``model.pth`` -> ``model.config.json``. An existing ``path``
     or config file is replaced only with ``overwrite``."""
-    torch = _import_torch()
+    torch = import_torch()
     check_overwrite(path, overwrite)
     check_sidecar_free(path, overwrite)
     state = to_torch_state_dict(params, cfg)
     with atomic_file(path) as tmp:
         torch.save(state, tmp)
     write_sidecar(path, cfg)
-
-
-def _import_torch():
-    try:
-        import torch
-    except ImportError:
-        raise ValueError("reading or writing torch .pth files needs PyTorch: pip install gptjax[torch]") from None
-    return torch
 
 
 _BLOCK_KEY = re.compile(r"trf_blocks\.(\d+)\.norm1\.scale$")

@@ -1,5 +1,6 @@
-"""Shared machinery for the weight formats: a table row maps one external tensor (or one part of a
-fused tensor) to one tree path; plus the config helpers every format uses."""
+"""The tree side of every name table: a :class:`Row` maps one stored tensor (or one part of a fused tensor)
+to one path of the gptjax parameter tree, :func:`params_from_tensors` builds the tree from named tensors by
+a table (and :func:`tensors_from_params` goes back); plus the config helpers every name table uses."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig
 from gptjax.model import Params, abstract_params
+from gptjax.weights.files import one_line
 
 TreePath = tuple[Any, ...]
 
@@ -275,9 +277,3 @@ def check_sidecar_free(weights_file: str | os.PathLike, overwrite: bool = False)
 def write_sidecar(weights_file: str | os.PathLike, cfg: GPTConfig) -> None:
     with atomic_file(sidecar_path(weights_file)) as tmp:
         tmp.write_text(json.dumps({"format": "gptjax", "model": cfg.to_dict()}, indent=2) + "\n")
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception as one short line, for wrapping library errors into ours."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

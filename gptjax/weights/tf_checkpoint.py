@@ -8,11 +8,15 @@ shard, offset, size, masked crc32c of the bytes). The data files hold the raw li
 
 No library reads this format without TensorFlow itself, so it is written here (and tested bitwise against
 ``tf.train.load_checkpoint`` on files TensorFlow wrote); the checksums use the google-crc32c package.
+
+As a reader of weights (:func:`read_folder`): a folder with TensorFlow's ``checkpoint`` state file naming
+its bundle (OpenAI's GPT-2 release is one), whatever names the variables have.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +25,11 @@ import google_crc32c
 import ml_dtypes
 import numpy as np
 
+from gptjax.weights.files import NamedTensors, one_line
 from gptjax.weights.lazy import LazyTensors
+
+STATE_FILE = "checkpoint"  # names the folder's bundle, as tf.train.Saver writes it
+DEFAULT_PREFIX = "model.ckpt"  # tf.train.Saver's usual name (OpenAI's): the bundle when there is no state file
 
 _FOOTER = 48  # two block handles padded to 40 bytes, then the 8-byte magic number
 _MAGIC = 0xDB4775248B80FB57
@@ -102,6 +110,51 @@ def read_bundle(prefix: str | os.PathLike) -> LazyTensors:
         return raw.view(e.dtype).reshape(e.shape)
 
     return LazyTensors({name: e.shape for name, e in entries.items()}, read)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() or Path(f"{path / DEFAULT_PREFIX}.index").is_file()
+
+
+def checkpoint_prefix(folder: str | os.PathLike) -> Path:
+    """The checkpoint the folder's ``checkpoint`` file names (OpenAI's: model.ckpt), looked for in this
+    folder whatever the path recorded there (sometimes an absolute one from when it was written)."""
+    folder = Path(folder)
+    name = DEFAULT_PREFIX
+    state = folder / STATE_FILE
+    if state.is_file():
+        m = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state.read_text(errors="replace"), re.MULTILINE)
+        if not m:
+            raise ValueError(f"cannot read {state}: no model_checkpoint_path; delete it or download it again")
+        name = Path(m.group(1).replace("\\\\", "/")).name
+    prefix = folder / name
+    if not Path(f"{prefix}.index").is_file():
+        raise FileNotFoundError(
+            f"no TensorFlow checkpoint in {folder} ({name}.index is missing); download the model again"
+        )
+    return prefix
+
+
+def read_folder(folder: Path) -> NamedTensors:
+    """Every variable of the folder's TensorFlow checkpoint, under its full name, unsqueezed, each read
+    (memory-mapped and checksummed) when looked up."""
+    prefix = checkpoint_prefix(folder)
+
+    def failure(e: CheckpointError) -> ValueError:
+        return ValueError(f"cannot read the TensorFlow checkpoint {prefix}: {one_line(e)}; download the model again")
+
+    try:
+        bundle = read_bundle(prefix)
+    except CheckpointError as e:
+        raise failure(e) from None
+
+    def read(name: str) -> np.ndarray:
+        try:
+            return bundle[name]
+        except CheckpointError as e:  # a tensor's checksum, checked as it is read
+            raise failure(e) from None
+
+    return NamedTensors(LazyTensors(bundle.shapes, read), prefix, f"TensorFlow checkpoint {folder}")
 
 
 # ---------------------------------------------------------------------------------------------
