@@ -233,8 +233,8 @@ LINK = re.compile(r"!?\[(?:[^\]\\]|\\.)*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\
 REFERENCE = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$")
 
 
-def prose_lines(text: str) -> list[tuple[int, str]]:
-    """Lines outside fenced code blocks, inline code spans blanked out."""
+def prose_lines(text: str, blank_code: bool = True) -> list[tuple[int, str]]:
+    """Lines outside fenced code blocks, inline code spans blanked out unless not ``blank_code``."""
     out, fence = [], None
     for number, line in enumerate(text.splitlines(), 1):
         m = re.match(r"\s*(`{3,}|~{3,})", line)
@@ -242,7 +242,7 @@ def prose_lines(text: str) -> list[tuple[int, str]]:
             fence = m.group(1) if fence is None else None
             continue
         if fence is None:
-            out.append((number, re.sub(r"(`+)(?:(?!\1).)+?\1", "``", line)))
+            out.append((number, re.sub(r"(`+)(?:(?!\1).)+?\1", "``", line) if blank_code else line))
     return out
 
 
@@ -256,7 +256,7 @@ def slug(heading: str) -> str:
 def anchors(path: Path) -> set[str]:
     seen: dict[str, int] = {}
     out = set()
-    for _, line in prose_lines(path.read_text()):
+    for _, line in prose_lines(path.read_text(), blank_code=False):
         m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
         if m:
             base = slug(m.group(1))

@@ -364,3 +364,29 @@ def test_missing_optional_dependencies_are_named(tmp_path, monkeypatch, params):
     tied = {**params, "out_head": {"kernel": params["tok_emb"]["embedding"].T}}
     with pytest.raises(ValueError, match=r"writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax\[tf\]"):
         save_weights(tied, CFG, tmp_path / "oa", format="openai")  # (reading them needs no TensorFlow)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any reader with any naming, through the one path
+
+
+def test_pth_of_hugging_face_names_and_safetensors_of_gptjax_names(hf_folder, tmp_path, params):
+    model, folder = hf_folder
+    want, want_cfg = load_weights(folder)
+    (tmp_path / "a").mkdir()  # GPT2LMHeadModel's own state_dict, torch.save'd under a .pth name
+    torch.save(model.state_dict(), tmp_path / "a" / "gpt2.pth")
+    (tmp_path / "a" / "config.json").write_text((folder / "config.json").read_text())
+    got, cfg = load_weights(tmp_path / "a" / "gpt2.pth")
+    assert detect_format(tmp_path / "a" / "gpt2.pth") == "torch" and cfg == want_cfg
+    assert_same_params(got, want)
+    # the tree's own names (as orbax stores them) in a safetensors file, with its config file beside it
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    tree = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v) for path, v in leaves}
+    save_file(tree, tmp_path / "tree.safetensors")
+    (tmp_path / "tree.config.json").write_text(json.dumps({"format": "gptjax", "model": CFG.to_dict()}))
+    got, cfg = load_weights(tmp_path / "tree.safetensors")
+    assert detect_format(tmp_path / "tree.safetensors") == "hf" and cfg == CFG
+    assert_same_params(got, params)
+    save_file({"embeddings.weight": np.zeros((2, 2), np.float32)}, tmp_path / "bert.safetensors")
+    with pytest.raises(ValueError, match=r"bert.safetensors: none of the tensor names gptjax knows"):
+        load_weights(tmp_path / "bert.safetensors")

@@ -19,7 +19,8 @@ from gptjax import GPTConfig, get_tokenizer, text_to_token_ids, token_ids_to_tex
 from gptjax.convert import main as convert_main
 from gptjax.generate import main as generate_main
 from gptjax.weights import detect_format, load_weights, save_weights
-from gptjax.weights.openai import book_params, load_openai_checkpoint, openai_to_params
+from gptjax.weights import load_openai_checkpoint
+from gptjax.weights.openai import book_params, openai_to_params
 from gptjax.weights.tf_checkpoint import read_bundle
 from tests.torch_reference import GPTModel as TorchGPTModel
 from tests.torch_reference import generate_text_simple, randomize_

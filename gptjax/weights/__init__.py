@@ -1,94 +1,143 @@
-"""Weight formats: one module per format, each an explicit name-mapping table onto the gptjax tree.
+"""Weight formats as readers x name tables: any file gptjax reads, holding any naming it knows.
 
-:func:`load_weights` reads any of them, telling them apart by their files, and :func:`save_weights`
-writes any of them:
+:func:`load_weights` runs four steps, each in its own module:
 
-- ``gptjax``: a training run, one of its checkpoint steps, or a ``save_params`` directory (orbax);
-- ``torch``: the book's ``GPTModel.state_dict()`` in a ``.pth`` / ``.pt`` file (or its checkpoint dict);
-- ``hf``: a Hugging Face ``GPT2LMHeadModel`` folder (``config.json`` + ``model.safetensors``, sharded
-  safetensors, or ``pytorch_model.bin``, sharded or not), one ``.safetensors`` file, or a Hub model id
-  (``gpt2``, ``openai-community/gpt2-xl``) read from the Hugging Face cache or downloaded into it;
-- ``openai``: OpenAI's GPT-2 release folder (TensorFlow checkpoint + ``hparams.json``; read without TensorFlow).
+1. **detect the reader** from the files (:func:`detect_format`; a Hub model id is first fetched into the
+   Hugging Face cache, :mod:`gptjax.weights.hf`);
+2. **read**: the reader turns the file or folder into lazily read named tensors (:class:`files.NamedTensors`):
+   :mod:`~gptjax.weights.torch_file` (``.pth``/``.pt``/``.bin``, sharded, pre-1.6 torch too),
+   :mod:`~gptjax.weights.safetensors_file` (one file or sharded), :mod:`~gptjax.weights.tf_checkpoint`
+   (TensorFlow's bundle, read without TensorFlow), :mod:`~gptjax.weights.orbax_run` (gptjax's runs);
+   the wrapper prefixes (``_orig_mod.``, ``module.``, ``transformer.``) go, in one place (:mod:`~gptjax.weights.files`);
+3. **detect the naming**: the first of :data:`NAMINGS` whose names are there;
+4. **map**: that name table builds the config (from the shapes, the config files beside the weights and
+   ``cfg``) and the parameter tree (:mod:`~gptjax.weights.mapping`): :mod:`~gptjax.weights.book` (the book's
+   ``state_dict``), :mod:`~gptjax.weights.hf` (Hugging Face's ``h.0.attn.c_attn.weight``),
+   :mod:`~gptjax.weights.openai` (OpenAI's ``model/h0/attn/c_attn/w``), :mod:`~gptjax.weights.tree_names`
+   (gptjax's own ``trf_blocks.0.att.W_query.kernel``).
+
+No reader knows a name and no name table knows a file, so a ``.pth`` of Hugging Face names or a safetensors
+file of the book's names goes through the same path. No module here imports a sibling reader or name table;
+this module is the only one that joins them.
+
+:func:`save_weights` writes each of :data:`FORMATS` by its entry in :data:`WRITERS`: a function
+``save(params, cfg, path, *, overwrite)`` that writes one naming into its usual files, atomically. A new
+format is one module (its names and its writer) plus one entry there.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights.mapping import check_config, check_params
+from gptjax.weights import book, hf, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
+from gptjax.weights.files import NamedTensors, folder_weights, is_weights_folder
+from gptjax.weights.mapping import check_params
 
-FORMATS = ("gptjax", "torch", "hf", "openai")
-TORCH_SUFFIXES = (".pth", ".pt")
+TORCH_SUFFIXES = (".pth", ".pt")  # save_weights' default format for these suffixes is torch
 
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+
+def _save_gptjax(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+    from gptjax.checkpoint import save_params  # orbax: imported only when used
+
+    save_params(params, cfg, path, overwrite=overwrite)
+
+
+# Format -> its writer: save(params, cfg, path, *, overwrite) that checks the destination before any slow work
+# and writes atomically (gptjax.atomic). The first four are also what detect_format answers.
+WRITERS: dict[str, Callable[..., None]] = {
+    "gptjax": _save_gptjax,
+    "torch": book.save_torch,
+    "hf": hf.save_hf,
+    "openai": openai.save_openai,
+}
+FORMATS = tuple(WRITERS)
+
+# Name tables, tried in this order: each has claims(names) -> bool and to_params(NamedTensors, cfg).
+NAMINGS = (book, hf, openai, tree_names)
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Which of :data:`FORMATS` ``path`` holds, from its files (reads at most a few bytes)."""
-    from gptjax.checkpoint import is_gptjax_checkpoint
-    from gptjax.weights.hf import is_hf_folder, is_safetensors_file
-    from gptjax.weights.openai import is_openai_folder
-
+    """Which format's reader reads ``path``, from its files (reads at most a few bytes): ``gptjax``,
+    ``torch`` (a torch.save'd file), ``hf`` (a Hugging Face folder or a safetensors file) or ``openai``."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"weights {p}: no such file or directory")
     if p.is_dir():
-        if is_gptjax_checkpoint(p):
+        if orbax_run.is_run_folder(p):
             return "gptjax"
-        if is_openai_folder(p):
+        if openai.is_openai_folder(p) or tf_checkpoint.is_checkpoint_folder(p):
             return "openai"
-        if is_hf_folder(p):
+        if is_weights_folder(p):
             return "hf"
         raise ValueError(
             f"{p} is not a weights folder gptjax knows: expected a gptjax run or checkpoint directory, an OpenAI "
             "GPT-2 folder (hparams.json + model.ckpt.*) or a Hugging Face folder (config.json + model.safetensors "
             "or pytorch_model.bin)"
         )
-    if p.suffix in TORCH_SUFFIXES or p.suffix == ".bin":  # .bin: transformers' pytorch_model.bin
+    if p.suffix in torch_file.SUFFIXES:
         return "torch"
-    if p.suffix == ".safetensors" or is_safetensors_file(p):
+    if safetensors_file.is_safetensors_file(p):
         return "hf"
-    with open(p, "rb") as f:
-        if f.read(4) == _ZIP_MAGIC:
-            return "torch"
+    if torch_file.is_torch_file(p):
+        return "torch"
     raise ValueError(
         f"{p}: unknown weights file format; expected a torch .pth/.pt file or a .safetensors file "
         "(or a gptjax, OpenAI or Hugging Face folder)"
     )
 
 
+def read_tensors(path: str | os.PathLike) -> NamedTensors:
+    """Steps 1 and 2 of :func:`load_weights`: the named tensors at ``path``, without wrapper prefixes."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "gptjax":
+        found = orbax_run.read(p)
+    elif fmt == "openai":
+        found = tf_checkpoint.read_folder(p)
+    elif fmt == "torch":
+        found = torch_file.read(p)
+    elif p.is_dir():  # a Hugging Face folder: safetensors or torch files, as transformers reads them
+        file = folder_weights(p)
+        read = safetensors_file.read if safetensors_file.is_safetensors_file(file) else torch_file.read
+        found = read(file)
+        found = NamedTensors(found.tensors, found.weights_file, f"Hugging Face weights {p}")
+    else:
+        found = safetensors_file.read(p)
+    return found.unwrapped()
+
+
 def load_weights(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
-    """Parameters and model config from weights in any format (see :func:`detect_format`), or from a
-    Hugging Face Hub model id (``gpt2``, ``gpt2-xl``, ``owner/name``) when no such local path exists.
+    """Parameters and model config from weights in any format (see :func:`detect_format`) holding any naming
+    of :data:`NAMINGS`, or from a Hugging Face Hub model id (``gpt2``, ``gpt2-xl``, ``owner/name``) when no
+    such local path exists.
 
     The config comes from the weights (their config file, else the tensor shapes). A ``cfg`` given here
     must agree with them in every architecture setting (an error names the one that does not); its
     ``drop_rate`` is kept, since no format stores a training-time setting reliably.
     """
-    from gptjax.weights.hf import hub_folder, is_hub_id
+    if not Path(path).exists() and hf.is_hub_id(os.fspath(path)):
+        path = hf.hub_folder(os.fspath(path))
+    found = read_tensors(path)
+    names = next((n for n in NAMINGS if n.claims(found.tensors)), None)
+    if names is None:
+        example = next(iter(found.tensors), None)
+        raise ValueError(
+            f"{found.source}: none of the tensor names gptjax knows (the book's tok_emb.weight, Hugging Face's "
+            f"wte.weight, OpenAI's model/wte, gptjax's tok_emb.embedding; the first here is {example!r}); "
+            "these are not GPT-2 weights"
+        )
+    return names.to_params(found, cfg)
 
-    if not Path(path).exists() and is_hub_id(os.fspath(path)):
-        path = hub_folder(os.fspath(path))
-    fmt = detect_format(path)
-    if fmt == "gptjax":
-        from gptjax.checkpoint import load_params
 
-        params, found = load_params(path)
-        return params, (found if cfg is None else check_config(cfg, found.to_dict(), f"gptjax checkpoint {path}"))
-    if fmt == "torch":
-        from gptjax.weights.book import load_torch
-
-        return load_torch(path, cfg)
-    if fmt == "hf":
-        from gptjax.weights.hf import load_hf
-
-        return load_hf(path, cfg)
-    from gptjax.weights.openai import load_openai
-
-    return load_openai(path, cfg)
+def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, params)`` exactly as the book's ``load_gpt2_params_from_tf_ckpt``: hparams.json and the
+    squeezed variables nested as ``params["blocks"][i]["attn"]["c_attn"]["w"]``, ``wte``, ``wpe``, ``g``, ``b``."""
+    return openai.book_release(folder, tf_checkpoint.read_folder(Path(folder)).tensors)
 
 
 def save_weights(
@@ -101,18 +150,11 @@ def save_weights(
     weights and their config) are replaced, each atomically, and every other file of a folder is kept."""
     if format is None:
         format = "torch" if Path(path).suffix in TORCH_SUFFIXES else "gptjax"
-    if format not in FORMATS:
+    if format not in WRITERS:
         raise ValueError(f"unknown weights format {format!r}; choose one of {', '.join(FORMATS)}")
     check_params(params, cfg)
-    if format == "gptjax":
-        from gptjax.checkpoint import save_params as save
-    elif format == "torch":
-        from gptjax.weights.book import save_torch as save
-    elif format == "hf":
-        from gptjax.weights.hf import save_hf as save
-    else:
-        from gptjax.weights.openai import save_openai as save
-    save(params, cfg, path, overwrite=overwrite)
+    WRITERS[format](params, cfg, path, overwrite=overwrite)
 
 
-__all__ = ["FORMATS", "detect_format", "load_weights", "save_weights"]
+__all__ = ["FORMATS", "NAMINGS", "WRITERS", "detect_format", "load_openai_checkpoint", "load_weights",
+           "read_tensors", "save_weights"]

@@ -1,9 +1,8 @@
-"""Hugging Face transformers ``GPT2LMHeadModel`` weights: a folder with ``config.json`` and the weights in any
-layout transformers writes (one or sharded ``model.safetensors``, one or sharded ``pytorch_model.bin``), or a
-Hub model id, resolved through huggingface_hub's cache.
+"""Name table: Hugging Face transformers' ``GPT2LMHeadModel`` names (``h.0.attn.c_attn.weight``, ... once the
+``transformer.`` prefix is stripped), in whatever file holds them (safetensors, a torch ``pytorch_model.bin``),
+with the ``config.json`` beside them; the Hugging Face folder writer; and Hub model ids, resolved through
+huggingface_hub's cache.
 
-Safetensors need only the safetensors package; ``pytorch_model.bin`` needs torch. The names are GPT-2's
-(``h.0.attn.c_attn.weight``, ...), with or without the ``transformer.`` prefix that ``GPT2LMHeadModel`` adds.
 Its Conv1D weights are already [in, out] like Flax kernels, and ``c_attn`` holds query, key and value side
 by side. Writing produces one ``model.safetensors``.
 """
@@ -21,23 +20,17 @@ import numpy as np
 from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights.book import read_torch, unwrapped_name
-from gptjax.weights.lazy import LazyTensors
+from gptjax.weights.files import SAFETENSORS, WEIGHTS_FILES, NamedTensors, is_index, is_weights_folder, one_line
+from gptjax.weights.files import shard_names, shards
 from gptjax.weights.mapping import (
     Row,
     check_config,
     get_path,
     heads_for,
-    one_line,
     params_from_tensors,
     tensors_from_params,
 )
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PYTORCH_BIN = "pytorch_model.bin"
-PYTORCH_BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHTS_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)  # transformers' preference
 CONFIG = "config.json"
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -80,38 +73,14 @@ def hf_table(cfg: GPTConfig, *, lm_head: bool) -> list[Row]:
     return table
 
 
-def is_hf_folder(path: Path) -> bool:
-    return any((path / name).is_file() for name in WEIGHTS_FILES)
+def claims(names) -> bool:
+    return "wte.weight" in names
 
 
-def is_safetensors_file(path: Path) -> bool:
-    """A safetensors file starts with its JSON header's length (8 bytes, little-endian) and then the header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
-
-
-def load_hf(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
-    """A Hugging Face GPT-2 folder (``model.safetensors``, sharded ``model.safetensors.index.json``,
-    ``pytorch_model.bin`` or its sharded index; the first there in that order), or a single ``.safetensors``
-    file (GPT-2 names, or the book's names as in a saved ``GPTModel.state_dict()``). The config comes from
-    ``config.json`` when there is one. Tensors are read one at a time (see :mod:`gptjax.weights.lazy`)."""
-    path = Path(path)
-    tensors = read_hf_tensors(path)
-    source = f"Hugging Face weights {path}"
-    if "tok_emb.weight" in tensors:  # the book's names: a torch state_dict saved with safetensors
-        from gptjax.weights.book import load_book_tensors
-
-        return load_book_tensors(tensors, path if path.is_file() else path / SAFETENSORS, cfg, source=source)
-    return load_hf_tensors(tensors, path if path.is_dir() else path.parent, cfg, source=source)
-
-
-def load_hf_tensors(
-    tensors: LazyTensors, folder: Path, cfg: GPTConfig | None, *, source: str
-) -> tuple[Params, GPTConfig]:
-    """Parameters and config from GPT-2-named tensors (with or without ``transformer.``), with the
-    ``config.json`` in ``folder`` if there is one."""
-    tensors = tensors.renamed(lambda k: None if k.endswith(BUFFER_SUFFIXES) else k.removeprefix(PREFIX))
+def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTConfig]:
+    """Parameters and config from GPT-2-named tensors, with the ``config.json`` beside them if there is one."""
+    tensors, source = found.tensors.renamed(lambda k: None if k.endswith(BUFFER_SUFFIXES) else k), found.source
+    folder = found.weights_file if found.weights_file.is_dir() else found.weights_file.parent
     found = _config_from_tensors(tensors, source)
     hf_config = _read_hf_config(folder / CONFIG, found)
     if hf_config is not None:
@@ -131,13 +100,13 @@ def load_hf_tensors(
 
 
 def save_hf(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """A folder that ``GPT2LMHeadModel.from_pretrained`` and :func:`load_hf` read. An output head that
+    """A folder that ``GPT2LMHeadModel.from_pretrained`` and :func:`gptjax.weights.load_weights` read. An output head that
     differs from the token embedding is written as ``lm_head.weight`` with ``tie_word_embeddings: false``.
     Into an existing folder only with ``overwrite``, replacing only ``model.safetensors`` and ``config.json``
     (a tokenizer or anything else there stays)."""
     from safetensors.numpy import save_file
 
-    writer = atomic_dir(path, (SAFETENSORS, CONFIG), is_hf_folder, overwrite=overwrite)  # checks, before any work
+    writer = atomic_dir(path, (SAFETENSORS, CONFIG), is_weights_folder, overwrite=overwrite)  # checks, before any work
 
     tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
     tied = np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb)
@@ -233,9 +202,9 @@ def _cached(repo: str) -> Path | None:
     name = next((n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
     if name is None:
         return None
-    if name.endswith(".index.json"):
+    if is_index(folder / name):
         try:
-            _shards(folder / name)
+            shards(folder / name)
         except (ValueError, FileNotFoundError):  # an interrupted download: fetch the rest
             return None
     return folder
@@ -261,72 +230,14 @@ def _download(repo: str) -> Path:
             if isinstance(e, LocalEntryNotFoundError):  # not "no such file": the Hub could not be asked
                 raise
             continue
-        if name.endswith(".index.json"):
-            for shard in _shard_names(path):
+        if is_index(path):
+            for shard in shard_names(path):
                 hf_hub_download(repo, shard)
         return path.parent
     raise ValueError(f"{repo} on the Hugging Face Hub has none of {', '.join(WEIGHTS_FILES)}")
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def read_hf_tensors(path: Path) -> LazyTensors:
-    """The tensors of a Hugging Face folder or of one weights file, each read when looked up."""
-    if not path.is_dir():
-        files = [path]
-    else:
-        name = next((n for n in WEIGHTS_FILES if (path / n).is_file()), SAFETENSORS)
-        files = _shards(path / name) if name.endswith(".index.json") else [path / name]
-    parts = [_read_safetensors(f) if f.suffix == ".safetensors" or is_safetensors_file(f) else read_torch(f)
-             for f in files]
-    owner = {name: part for part in parts for name in part}
-    return LazyTensors({k: part.shapes[k] for k, part in owner.items()}, lambda k: owner[k][k])
-
-
-def _shard_names(index: Path) -> list[str]:
-    """The files a sharded checkpoint's index maps its tensors to."""
-    try:
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"cannot read the shard index {index}: {one_line(e)}") from None
-
-
-def _shards(index: Path) -> list[Path]:
-    names = _shard_names(index)
-    for name in names:
-        if not (index.parent / name).is_file():
-            raise FileNotFoundError(f"shard {name} listed in {index} not found; the checkpoint is incomplete")
-    return [index.parent / name for name in names]
-
-
-def _read_safetensors(file: Path) -> LazyTensors:
-    from safetensors import safe_open
-
-    def damaged(e: Exception) -> ValueError:
-        return ValueError(f"cannot read {file}: {one_line(e)}; the file is truncated or corrupt")
-
-    if not file.is_file():
-        raise FileNotFoundError(f"safetensors file {file} not found")
-    try:
-        with safe_open(file, framework="numpy") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise damaged(e) from None
-
-    def read(name: str) -> np.ndarray:
-        # safe_open maps the whole file and keeps every page it touched resident until it is closed:
-        # opened once per tensor (the header is read again, a few milliseconds), the file never is.
-        try:
-            with safe_open(file, framework="numpy") as f:
-                return f.get_tensor(name)
-        except Exception as e:
-            raise damaged(e) from None
-
-    return LazyTensors(shapes, read).renamed(unwrapped_name)
-
-
-def _config_from_tensors(tensors: LazyTensors, source: str) -> dict[str, Any]:
+def _config_from_tensors(tensors: Any, source: str) -> dict[str, Any]:
     """The settings the tensor shapes imply. The c_attn biases decide qkv_bias only when they are not
     all zero: zero biases fit a model with or without them."""
     for key in ("wte.weight", "wpe.weight"):

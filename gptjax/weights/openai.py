@@ -1,4 +1,5 @@
-"""OpenAI's GPT-2 release: download, the book's checkpoint loader, and the mapping.
+"""Name table: OpenAI's GPT-2 variable names (``model/h0/attn/c_attn/w``) with its ``hparams.json``; the
+writer of OpenAI's release layout; and the release's download.
 
 A release folder holds ``hparams.json`` and a TensorFlow checkpoint (``checkpoint``, ``model.ckpt.*``)
 whose variables are named ``model/wte``, ``model/h0/attn/c_attn/w``, ... Its 1x1 convolution weights
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from gptjax.atomic import atomic_dir, made_dirs
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.weights.files import NamedTensors
 from gptjax.weights.lazy import LazyTensors
 from gptjax.weights.mapping import (
     Row,
@@ -34,7 +36,6 @@ from gptjax.weights.mapping import (
     params_from_tensors,
     tensors_from_params,
 )
-from gptjax.weights.tf_checkpoint import CheckpointError, read_bundle
 
 GPT2_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = (
@@ -119,7 +120,7 @@ def config_to_settings(cfg: GPTConfig) -> dict[str, int]:
 
 def openai_to_params(params_dict: Mapping[str, Any], cfg: GPTConfig) -> Params:
     """gptjax parameters from the book's ``params`` dict (``blocks[i]["attn"]["c_attn"]["w"]``, ``wte``,
-    ``wpe``, ``g``, ``b``), as :func:`load_openai_checkpoint` returns it."""
+    ``wpe``, ``g``, ``b``), as :func:`gptjax.weights.load_openai_checkpoint` returns it."""
     tensors, source = flatten_book_params(params_dict), "OpenAI GPT-2 params"
     ignore = () if cfg.qkv_bias else _zero_qkv_bias(tensors, source)
     return params_from_tensors(openai_table(cfg), tensors, cfg, source=source, ignore=ignore)
@@ -182,52 +183,11 @@ def read_settings(folder: str | os.PathLike) -> dict[str, Any]:
     return settings
 
 
-def checkpoint_prefix(folder: str | os.PathLike) -> Path:
-    """The checkpoint the folder's ``checkpoint`` file names (OpenAI's: model.ckpt), looked for in this
-    folder whatever the path recorded there (sometimes an absolute one from when it was written)."""
-    folder = Path(folder)
-    name = CKPT
-    state = folder / "checkpoint"
-    if state.is_file():
-        m = re.search(r'^model_checkpoint_path:\s*"(.*)"\s*$', state.read_text(errors="replace"), re.MULTILINE)
-        if not m:
-            raise ValueError(f"cannot read {state}: no model_checkpoint_path; delete it or download it again")
-        name = Path(m.group(1).replace("\\\\", "/")).name
-    prefix = folder / name
-    if not Path(f"{prefix}.index").is_file():
-        raise FileNotFoundError(
-            f"no TensorFlow checkpoint in {folder} ({name}.index is missing); download the model again"
-        )
-    return prefix
-
-
-def read_checkpoint(folder: str | os.PathLike) -> LazyTensors:
-    """Every variable of the folder's TensorFlow checkpoint, under its full name, unsqueezed, each read
-    (memory-mapped and checksummed) when looked up. No TensorFlow needed."""
-    prefix = checkpoint_prefix(folder)
-
-    def failure(e: CheckpointError) -> ValueError:
-        return ValueError(f"cannot read the TensorFlow checkpoint {prefix}: {one_line(e)}; download the model again")
-
-    try:
-        bundle = read_bundle(prefix)
-    except CheckpointError as e:
-        raise failure(e) from None
-
-    def read(name: str) -> np.ndarray:
-        try:
-            return bundle[name]
-        except CheckpointError as e:  # a tensor's checksum, checked as it is read
-            raise failure(e) from None
-
-    return LazyTensors(bundle.shapes, read)
-
-
-def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(settings, params)`` exactly as the book's ``load_gpt2_params_from_tf_ckpt``: hparams.json and the
-    squeezed variables nested as ``params["blocks"][i]["attn"]["c_attn"]["w"]``, ``wte``, ``wpe``, ``g``, ``b``."""
+def book_release(folder: str | os.PathLike, tensors: LazyTensors) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(settings, params)`` of a release folder whose checkpoint holds ``tensors``, nested as the book's
+    ``load_gpt2_params_from_tf_ckpt`` does (see :func:`gptjax.weights.load_openai_checkpoint`)."""
     settings = read_settings(folder)
-    tensors = {k: np.squeeze(np.array(v)) for k, v in read_checkpoint(folder).items()}
+    tensors = {k: np.squeeze(np.array(v)) for k, v in tensors.items()}
     n_layers = settings.get("n_layer")
     if not isinstance(n_layers, int):
         raise ValueError(f"{Path(folder) / HPARAMS}: no integer 'n_layer'; it is not a GPT-2 hparams.json")
@@ -237,13 +197,18 @@ def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], d
         raise ValueError(f"{folder}: the checkpoint does not fit hparams.json (n_layer {n_layers}): {one_line(e)}") from None
 
 
-def load_openai(folder: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple[Params, GPTConfig]:
-    """Parameters and config from an OpenAI GPT-2 folder. Zero c_attn biases (as :func:`save_openai`
-    writes for a model without them) load as ``qkv_bias=False`` unless ``cfg`` asks for them."""
-    folder = Path(folder)
+def claims(names) -> bool:
+    return f"{SCOPE}wte" in names
+
+
+def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTConfig]:
+    """Parameters and config from OpenAI-named tensors and the ``hparams.json`` beside them. Zero c_attn
+    biases (as :func:`save_openai` writes for a model without them) load as ``qkv_bias=False`` unless
+    ``cfg`` asks for them."""
+    folder = found.weights_file.parent
     source = f"OpenAI GPT-2 checkpoint {folder}"
     settings = read_settings(folder)
-    tensors = read_checkpoint(folder)
+    tensors = found.tensors
     found = settings_to_config(settings, source=str(folder / HPARAMS))
     has_bias = any(np.any(tensors[k]) for k in tensors if k.endswith(_QKV_BIAS))
     if cfg is None:
@@ -256,7 +221,7 @@ def load_openai(folder: str | os.PathLike, cfg: GPTConfig | None = None) -> tupl
 
 def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """A folder in OpenAI's layout (``hparams.json``, ``checkpoint``, ``model.ckpt.index/.data-*``, variable
-    names and [1, in, out] shapes as released) that TensorFlow and :func:`load_openai` read. The tokenizer
+    names and [1, in, out] shapes as released) that TensorFlow and :func:`gptjax.weights.load_weights` read. The tokenizer
     files and the ``.meta`` graph are not written (gptjax bundles the tokenizer). OpenAI's format ties
     the output head to the token embedding, so ``params`` must too. Into an existing folder only with
     ``overwrite``, replacing only the files named above."""
