@@ -309,7 +309,7 @@ def test_every_flag_has_help_with_its_default(name):
 def test_training_docs_cover_disk_use_and_run_names():
     # The training section moved from the README to docs/training.md (#19).
     readme = (ROOT / "docs" / "training.md").read_text()
-    assert "### Disk use" in readme and "--keep" in readme and "--save-minutes" in readme
+    assert "## Disk use" in readme and "--keep" in readme and "--save-minutes" in readme
     # Every run folder an example reads was made by an example before it.
     for line in readme.splitlines():
         if "--weights runs/" in line:
