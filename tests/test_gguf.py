@@ -1,5 +1,5 @@
 """GGUF export (gptjax.weights.gguf): read back with the gguf package's own reader, against llama.cpp's
-GPT-2 layout. (llama.cpp itself decoding the export is checked in benchmarks/bench_decode.py, not here.)"""
+GPT-2 layout. (llama.cpp itself decoding the export needs llama.cpp built, some 20 minutes: not in CI.)"""
 
 from __future__ import annotations
 
@@ -215,3 +215,24 @@ def test_bad_requests_fail_before_writing(params, tmp_path):
     with pytest.raises(ValueError, match=r"vocabulary \(1000\) is smaller than the GPT-2 tokenizer's \(50257\)"):
         save_gguf(init_params(small.replace(n_layers=1), seed=0), small.replace(n_layers=1), path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_cli_writes_gguf_by_suffix(tmp_path):
+    """``python -m gptjax.convert SRC model.gguf --gguf-type q8_0`` writes the GGUF writer's file; the flag
+    without a GGUF destination, and a .gguf source, are one-line errors."""
+    from gptjax import convert
+    from gptjax.weights import load_weights, save_weights
+
+    cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=64, n_layers=1, n_heads=2, drop_rate=0.0)
+    src = tmp_path / "tiny"
+    save_weights(init_params(cfg, seed=1), cfg, src)
+    dst = tmp_path / "tiny.gguf"
+    assert convert.main([str(src), str(dst), "--gguf-type", "q8_0"]) == 0
+    reader = gguf.GGUFReader(dst)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.attn_qkv.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    assert convert.main([str(src), str(tmp_path / "x.pth"), "--gguf-type", "f16"]) == 2
+    assert not (tmp_path / "x.pth").exists()
+    with pytest.raises(ValueError, match="does not read them"):
+        load_weights(dst)

@@ -34,7 +34,7 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights import book, hf, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
+from gptjax.weights import book, gguf, hf, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
 from gptjax.weights.files import NamedTensors, folder_weights, is_weights_folder
 from gptjax.weights.mapping import check_params
 
@@ -48,12 +48,14 @@ def _save_gptjax(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, ove
 
 
 # Format -> its writer: save(params, cfg, path, *, overwrite) that checks the destination before any slow work
-# and writes atomically (gptjax.atomic). The first four are also what detect_format answers.
+# and writes atomically (gptjax.atomic). The first four are also what detect_format answers; GGUF (for
+# llama.cpp) is written only.
 WRITERS: dict[str, Callable[..., None]] = {
     "gptjax": _save_gptjax,
     "torch": book.save_torch,
     "hf": hf.save_hf,
     "openai": openai.save_openai,
+    "gguf": gguf.save_gguf,
 }
 FORMATS = tuple(WRITERS)
 
@@ -85,6 +87,9 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"
     if torch_file.is_torch_file(p):
         return "torch"
+    if p.suffix == gguf.GGUF_SUFFIX:
+        raise ValueError(f"{p}: gptjax writes GGUF files (for llama.cpp) but does not read them; give the "
+                         "weights it was exported from")
     raise ValueError(
         f"{p}: unknown weights file format; expected a torch .pth/.pt file or a .safetensors file "
         "(or a gptjax, OpenAI or Hugging Face folder)"
@@ -141,19 +146,22 @@ def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], d
 
 
 def save_weights(
-    params: Params, cfg: GPTConfig, path: str | os.PathLike, format: str | None = None, *, overwrite: bool = False
+    params: Params, cfg: GPTConfig, path: str | os.PathLike, format: str | None = None, *, overwrite: bool = False,
+    **options: Any,
 ) -> None:
     """Write ``params`` in ``format`` (one of :data:`FORMATS`; by default ``torch`` for a .pth/.pt path,
-    else ``gptjax``). Atomic: on any failure nothing is left at ``path`` (an earlier file stays as it was).
+    ``gguf`` for a .gguf one, else ``gptjax``); ``options`` go to that format's writer (``gguf_type``).
+    Atomic: on any failure nothing is left at ``path`` (an earlier file stays as it was).
 
     An existing destination is refused unless ``overwrite``; then only the files this format writes (the
     weights and their config) are replaced, each atomically, and every other file of a folder is kept."""
     if format is None:
-        format = "torch" if Path(path).suffix in TORCH_SUFFIXES else "gptjax"
+        suffix = Path(path).suffix
+        format = "torch" if suffix in TORCH_SUFFIXES else "gguf" if suffix == gguf.GGUF_SUFFIX else "gptjax"
     if format not in WRITERS:
         raise ValueError(f"unknown weights format {format!r}; choose one of {', '.join(FORMATS)}")
     check_params(params, cfg)
-    WRITERS[format](params, cfg, path, overwrite=overwrite)
+    WRITERS[format](params, cfg, path, overwrite=overwrite, **options)
 
 
 __all__ = ["FORMATS", "NAMINGS", "WRITERS", "detect_format", "load_openai_checkpoint", "load_weights",
