@@ -259,7 +259,9 @@ def _arrow_chunks(column, path: str) -> Iterator[Chunk]:
     per_row = max(1, column.nbytes // n)
     step = max(1, CHUNK_CHARS // per_row)
     for i in range(0, n, step):
-        yield Chunk("arrow", column.slice(i, step), source=path)
+        # A slice pickles with its whole row group's buffers (so every chunk would carry them all to a
+        # worker); concat_arrays copies just the slice's rows.
+        yield Chunk("arrow", pa.concat_arrays([column.slice(i, step)]), source=path)
 
 
 def _jsonl_chunks(path: str) -> Iterator[Chunk]:
