@@ -490,13 +490,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
         if args.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be at least 0, got {args.grace_seconds}")
-        if not Path(args.weights).exists():
-            raise FileNotFoundError(f"--weights {args.weights}: no such file or directory")
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = create_app(params, cfg, model_name=Path(args.weights).resolve().name, max_batch=args.max_batch,
+    app = create_app(params, cfg, model_name=args.weights if cli.is_hub_id_flag(args.weights) else Path(args.weights).resolve().name, max_batch=args.max_batch,
                      weights_dtype=args.weights_dtype, dtype=args.dtype, max_queue=args.max_queue,
                      api_key=args.api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",

@@ -17,7 +17,7 @@ from gptjax import GPTConfig, init_params, save_weights
 ROOT = Path(__file__).resolve().parent.parent
 NOISE = ("Traceback", "cudart_stub", "plugin configuration error", "Could not find cuda drivers",
          "absl::InitializeLog", "TPU")
-TOOLS = ["aot", "convert", "download", "evaluate", "generate", "prepare", "train"]
+TOOLS = ["aot", "convert", "download", "evaluate", "generate", "prepare", "serve", "train"]
 
 
 def user_env(**extra: str) -> dict[str, str]:

@@ -1,0 +1,234 @@
+"""python -m gptjax.serve as a user runs it: a subprocess on 127.0.0.1, answered through the official
+``openai`` client, raw HTTP for the error shapes, 16 concurrent clients, a disconnect and SIGTERM draining.
+
+One server (a tiny model with GPT-2's vocabulary, an API key) serves the whole module; the SIGTERM test,
+last in the file, ends it."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import gptjax
+from gptjax import GPTConfig
+
+openai = pytest.importorskip("openai")  # the serve extra's client; part of dev
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2, drop_rate=0.0)
+KEY = "test-key"
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it); playwright's own download cannot work here
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    params = gptjax.init_params(CFG, seed=3)
+    gptjax.save_weights(params, CFG, path)
+    return path, params
+
+
+@pytest.fixture(scope="module")
+def server(weights):
+    port = free_port()
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".cache" / "jax")}
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(weights[0]), "--port", str(port),
+                             "--max-batch", "4", "--max-queue", "32", "--api-key", KEY, "--grace-seconds", "30"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # printed once every shape is compiled and the socket listens
+    assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    yield proc, f"http://127.0.0.1:{port}"
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+
+
+def reference(params, prompt: str, n: int) -> str:
+    tok = gptjax.get_tokenizer()
+    ids = tok.encode(prompt)
+    out = gptjax.generate(params, CFG, np.array([ids]), n, eos_id=50256)[0, len(ids):].tolist()
+    return tok.decode([t for t in out if t != 50256])
+
+
+def post(server, path: str, body, key: str | None = KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(server[1] + path, content=content, headers={**headers, "Content-Type": "application/json"},
+                      timeout=60)
+
+
+def test_completion_through_the_openai_client_equals_generate(client, weights):
+    r = client.completions.create(model="tiny", prompt="Every effort moves you", max_tokens=10, temperature=0)
+    assert r.choices[0].text == reference(weights[1], "Every effort moves you", 10)
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == 4 and r.usage.total_tokens == 4 + r.usage.completion_tokens
+
+
+def test_streamed_text_joins_to_the_unstreamed_text(client):
+    kw = dict(model="tiny", prompt="I had always thought", max_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    whole = client.completions.create(**kw).choices[0].text
+    parts = [c.choices[0].text for c in client.completions.create(stream=True, **kw)]
+    assert "".join(parts) == whole and len([p for p in parts if p]) > 1
+
+
+def test_chat_streamed_and_not(client):
+    messages = [{"role": "user", "content": "Tell me about the painting."}]
+    kw = dict(model="tiny", messages=messages, max_tokens=8, temperature=0.7, seed=2)
+    whole = client.chat.completions.create(**kw)
+    assert whole.choices[0].message.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                       if c.choices)
+    assert streamed == whole.choices[0].message.content
+
+
+def test_models_health_metrics(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"] and models[0].model_extra["context_length"] == CFG.context_length
+    assert httpx.get(server[1] + "/health").json() == {"status": "ok"}
+    text = httpx.get(server[1] + "/metrics").text
+    for name in ("gptjax_requests_total", "gptjax_generated_tokens_total", "gptjax_queue_depth",
+                 "gptjax_active_slots", "gptjax_time_to_first_token_seconds_bucket",
+                 "gptjax_inter_token_latency_seconds_bucket"):
+        assert name in text
+
+
+def test_sixteen_concurrent_clients_get_generates_answers(client, weights):
+    prompts = [f"{'Every effort moves you ' * (1 + i % 4)}{i}" for i in range(16)]
+    lengths = [4 + (i * 3) % 11 for i in range(16)]
+
+    def ask(i):
+        if i % 2:  # sampled neighbours with other settings share the batch
+            return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
+                                             temperature=0.9, seed=i,
+                                             extra_body={"top_k": 20} if i % 4 == 1 else None).choices[0]
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
+                                         temperature=0).choices[0]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    for i, a in enumerate(answers):
+        assert a.finish_reason in ("length", "stop")
+        if i % 2 == 0:
+            assert a.text == reference(weights[1], prompts[i], lengths[i]), i
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"prompt": "x", "model": "gpt-4"}, "model"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": 3}, "prompt"),
+])
+def test_bad_input_is_a_400_in_openais_shape(server, body, param):
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    if param:
+        assert param in error["message"]
+
+
+def test_context_overflow_names_both_numbers(server):
+    r = post(server, "/v1/completions", {"prompt": [1] * 60, "max_tokens": 10})
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "64" in message and "70" in message
+
+
+def test_api_key_is_required(server):
+    assert post(server, "/v1/completions", {"prompt": "x"}, key=None).status_code == 401
+    assert post(server, "/v1/completions", {"prompt": "x"}, key="wrong").status_code == 401
+    assert httpx.get(server[1] + "/v1/models").status_code == 401
+
+
+def active_slots(server) -> float:
+    text = httpx.get(server[1] + "/metrics").text
+    return float(next(l.split()[-1] for l in text.splitlines() if l.startswith("gptjax_active_slots ")))
+
+
+def test_a_disconnect_frees_its_slot_and_the_server_keeps_serving(server, client):
+    body = {"prompt": "x", "max_tokens": 60, "stream": True, "temperature": 0}
+    with httpx.stream("POST", server[1] + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        next(r.iter_lines())  # the first chunk came: the request holds a slot
+    deadline = time.time() + 30
+    while active_slots(server) > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert active_slots(server) == 0
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page()
+        page.goto(server[1] + "/")
+        page.fill("#key", KEY)
+        page.dispatch_event("#key", "change")
+        yield page
+        browser.close()
+
+
+def test_the_page_streams_a_continuation_in_a_real_browser(page, weights):
+    page.wait_for_function("document.querySelector('#model').textContent.startsWith('tiny')")
+    # Count the text changes of the output box: streamed text arrives in several of them.
+    page.evaluate("""() => { window.changes = 0; new MutationObserver(() => window.changes++)
+                     .observe(document.querySelector('#out'), {childList: true, characterData: true, subtree: true}); }""")
+    prompt = "Every effort moves you"
+    page.fill("#prompt", prompt)
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "20")
+    page.click("#go")
+    page.wait_for_function("document.querySelector('#status').textContent === 'done'", timeout=60000)
+    assert page.text_content("#out") == prompt + reference(weights[1], prompt, 20)
+    assert page.evaluate("window.changes") > 2
+
+
+def test_the_pages_stop_button_ends_the_stream(page, server):
+    page.fill("#prompt", "x")
+    page.fill("#temperature", "1")
+    page.fill("#max_tokens", "60")
+    page.click("#go")
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').textContent === 'stopped'", timeout=60000)
+    deadline = time.time() + 30
+    while active_slots(server) > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert active_slots(server) == 0
+
+
+def test_sigterm_lets_running_requests_finish_then_exits_0(server):
+    proc, _ = server
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, server, "/v1/completions", {"prompt": "x", "max_tokens": 40, "temperature": 0})
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        r = running.result(timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert proc.wait(timeout=60) == 0
