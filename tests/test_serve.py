@@ -159,6 +159,13 @@ def test_context_overflow_names_both_numbers(server):
     assert "64" in message and "70" in message
 
 
+def test_a_full_queue_is_a_429_with_retry_after(server, client):
+    # 3 prompts x n=16 are 48 sequences, more than --max-queue 32 can hold: refused whole, before any runs.
+    r = post(server, "/v1/completions", {"prompt": ["a", "b", "c"], "n": 16, "max_tokens": 2})
+    assert r.status_code == 429 and r.headers["Retry-After"] and r.json()["error"]["code"] == "queue_full"
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
 def test_api_key_is_required(server):
     assert post(server, "/v1/completions", {"prompt": "x"}, key=None).status_code == 401
     assert post(server, "/v1/completions", {"prompt": "x"}, key="wrong").status_code == 401
