@@ -8,6 +8,7 @@ import pytest
 
 import gptjax
 from gptjax.engine import Engine, Request
+from gptjax.sampling import generate  # not gptjax.generate: importing the CLI module gptjax.generate shadows it
 
 CFG = gptjax.get_config("GPT_CONFIG_124M", context_length=64, emb_dim=32, n_layers=2, n_heads=2)
 
@@ -55,7 +56,7 @@ def test_greedy_equals_generate_whatever_shares_the_batch(engine, params):
     for i, (p, (tokens, reason)) in enumerate(zip(PROMPTS, results)):
         assert reason in ("length", "stop"), reason
         if i % 2 == 0:
-            ref = gptjax.generate(params, CFG, np.array([p]), 12, eos_id=50256)[0, len(p):].tolist()
+            ref = generate(params, CFG, np.array([p]), 12, eos_id=50256)[0, len(p):].tolist()
             assert tokens == ref, (i, tokens, ref)
         assert len(tokens) == 12 or reason == "stop"
 

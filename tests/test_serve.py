@@ -20,6 +20,7 @@ import pytest
 
 import gptjax
 from gptjax import GPTConfig
+from gptjax.sampling import generate  # not gptjax.generate: importing the CLI module gptjax.generate shadows it
 
 openai = pytest.importorskip("openai")  # the serve extra's client; part of dev
 
@@ -66,7 +67,7 @@ def client(server):
 def reference(params, prompt: str, n: int) -> str:
     tok = gptjax.get_tokenizer()
     ids = tok.encode(prompt)
-    out = gptjax.generate(params, CFG, np.array([ids]), n, eos_id=50256)[0, len(ids):].tolist()
+    out = generate(params, CFG, np.array([ids]), n, eos_id=50256)[0, len(ids):].tolist()
     return tok.decode([t for t in out if t != 50256])
 
 
@@ -99,6 +100,25 @@ def test_chat_streamed_and_not(client):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
                        if c.choices)
     assert streamed == whole.choices[0].message.content
+
+
+def test_echo_stop_n_and_logprobs(client, weights):
+    prompt, greedy = "Every effort moves you", reference(weights[1], "Every effort moves you", 12)
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + greedy
+    # A stop string ends the text before it, with finish_reason "stop".
+    stop = greedy[len(greedy) // 2:][:3]
+    if stop.strip():
+        cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+        assert cut.choices[0].text == greedy[:greedy.index(stop)] and cut.choices[0].finish_reason == "stop"
+    many = client.completions.create(model="tiny", prompt=[prompt, "I had"], max_tokens=5, temperature=0.8, n=2,
+                                     seed=1)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3] and many.usage.prompt_tokens == 2 * (4 + 2)
+    lp = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, logprobs=3).choices[0]
+    assert len(lp.logprobs.token_logprobs) == 4 and all(len(top) == 3 for top in lp.logprobs.top_logprobs)
+    for token, chosen, top in zip(lp.logprobs.tokens, lp.logprobs.token_logprobs, lp.logprobs.top_logprobs):
+        assert chosen <= 0 and max(top.values()) == pytest.approx(chosen, abs=1e-5)  # greedy: the top token
+        assert token in top
 
 
 def test_models_health_metrics(client, server):
