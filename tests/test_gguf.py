@@ -116,15 +116,22 @@ def test_f32_tensors_equal_gptjax(written, params):
     assert len(reader.tensors) == 5 + 12 * CFG.n_layers
 
 
-def test_f16_tensors_within_f16_rounding(written, params):
-    got = {t.name: t for t in written["f16"].tensors}
+def quantized(reader, params, kind):
+    """(name, tensor, gptjax value) of every matrix stored as ``kind``, after checking that the rest stayed
+    float32 and equal."""
+    got = {t.name: t for t in reader.tensors}
     for name, value in expected_tensors(params, CFG).items():
         t = got[name]
         if stays_f32(name, value):
             assert t.tensor_type == Q.F32, name
             np.testing.assert_array_equal(np.asarray(t.data).reshape(value.shape), value, err_msg=name)
             continue
-        assert t.tensor_type == Q.F16, name
+        assert t.tensor_type == kind, name
+        yield name, t, value
+
+
+def test_f16_tensors_within_f16_rounding(written, params):
+    for name, t, value in quantized(written["f16"], params, Q.F16):
         back = gguf.quants.dequantize(np.asarray(t.data), Q.F16).reshape(value.shape)
         # float16's round-to-nearest: half a unit in the last place, at most 2**-11 relative for normal
         # values, and half the subnormal spacing 2**-24 below them.
@@ -132,15 +139,8 @@ def test_f16_tensors_within_f16_rounding(written, params):
 
 
 def test_q8_0_tensors_within_block_error(written, params):
-    got = {t.name: t for t in written["q8_0"].tensors}
     n_q8 = 0
-    for name, value in expected_tensors(params, CFG).items():
-        t = got[name]
-        if stays_f32(name, value):
-            assert t.tensor_type == Q.F32, name
-            np.testing.assert_array_equal(np.asarray(t.data).reshape(value.shape), value, err_msg=name)
-            continue
-        assert t.tensor_type == Q.Q8_0, name
+    for name, t, value in quantized(written["q8_0"], params, Q.Q8_0):
         assert tuple(int(n) for n in t.shape) == value.shape[::-1], name
         back = gguf.quants.dequantize(np.asarray(t.data), Q.Q8_0).reshape(value.shape)
         # Per 32-value block: scale d = max|x| / 127 and x ~ q * d, stored as float16 d16. Rounding q costs
