@@ -1,7 +1,7 @@
-"""Builds gptjax's one compiled part, the CPU matmul for bfloat16/int8 weights (gptjax/cpu_kernels.py).
+"""Builds gptjax's one compiled part, the CPU decode kernels of gptjax/cpu_kernels.py (gptjax/csrc/).
 
 Everything else is in pyproject.toml. The extension is optional: without a C++ compiler gptjax installs
-without it and decodes from bfloat16/int8 weights through XLA's dot instead (gptjax.cpu_kernels says so).
+without it and decodes through XLA alone, slower (gptjax.cpu_kernels says so).
 """
 
 import os
@@ -23,11 +23,14 @@ def xla_ffi_include() -> str:
 setup(
     ext_modules=[
         Extension(
-            "gptjax._weights_matmul",
-            sources=["gptjax/csrc/weights_matmul.cc"],
+            "gptjax._cpu_kernels",
+            sources=["gptjax/csrc/weights_matmul.cc", "gptjax/csrc/cached_attention.cc"],
+            depends=["gptjax/csrc/tasks.h"],
             include_dirs=[xla_ffi_include()],
             language="c++",
-            extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden"],
+            # No contraction into fused multiply-adds the source did not write: each kernel's loop variants
+            # then round alike (cached_attention.cc).
+            extra_compile_args=["-std=c++17", "-O3", "-fvisibility=hidden", "-ffp-contract=off"],
             optional=True,
         )
     ],

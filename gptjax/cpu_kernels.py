@@ -1,15 +1,23 @@
-"""The compiled CPU matmul for bfloat16 and int8 weights (``gptjax/csrc/weights_matmul.cc``), through XLA's FFI.
+"""gptjax's compiled CPU kernels for decoding (``gptjax/csrc/``), through XLA's FFI.
 
-XLA:CPU has no dot that reads bfloat16 or int8 weights beside float32 activations: it widens the whole
-kernel into a float32 buffer first, so decoding from smaller weights was slower than from float32
-(benchmarks/NOTES.md). This kernel reads the weights as stored and widens them in registers, so a
-batch-1 decode step, bound by the bytes of weight it reads, reads 2 or 1 bytes per weight instead of 4.
-Activations, products and sums stay float32.
+Two things a batch-1 decode step on XLA:CPU does badly (benchmarks/NOTES.md):
+
+* **bfloat16 / int8 weights** (:func:`weights_matmul`): XLA:CPU has no dot that reads them beside float32
+  activations; it widens the whole kernel into a float32 buffer first, so decoding from smaller weights
+  was slower than from float32. This kernel reads the weights as stored and widens them in registers, so a
+  step, bound by the bytes of weight it reads, reads 2 or 1 bytes per weight instead of 4. Activations,
+  products and sums stay float32.
+* **the KV cache** (:func:`cached_attention`): writing the new key and value into the cache and attending
+  over it in one loop iteration makes XLA copy every layer's cache slabs several times a token. This
+  kernel updates the cache in place (its operands are aliased to its results) and reads only the filled
+  slots.
 
 The library is built when gptjax is installed (``setup.py``; it needs a C++ compiler). Where it was not
-built, :func:`unavailable` says so and :mod:`gptjax.platform` uses XLA's dot instead (same values, no
-speed-up). Used only for CPU programs, and only for up to :data:`MAX_ROWS` rows of activations (decode
-steps): past that, XLA's float32 GEMM on the widened kernel is faster.
+built, :func:`unavailable` says so and :mod:`gptjax.platform` uses XLA alone (same values, slower). Used
+only for CPU programs, and only for decode-step shapes: up to :data:`MAX_ROWS` rows of activations for the
+matmul (past that, XLA's float32 GEMM on the widened kernel is faster), one new position for attention.
+Each kernel has an AVX-512, an AVX2 and a portable loop and takes the widest this CPU runs; ``isa=`` forces
+one (for testing them).
 """
 
 from __future__ import annotations
@@ -20,15 +28,18 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_ROWS = 8  # kMaxRows in weights_matmul.cc
-_LIBRARY = "gptjax._weights_matmul"
-_TARGETS = {"bfloat16": ("gptjax_matmul_bf16", "GptjaxMatmulBf16"), "int8": ("gptjax_matmul_int8", "GptjaxMatmulInt8")}
+ISAS = ("auto", "avx512", "avx2", "portable")  # gptjax::Isa in tasks.h, in its order
+_LIBRARY = "gptjax._cpu_kernels"
+_TARGETS = {"bfloat16": ("gptjax_matmul_bf16", "GptjaxMatmulBf16"), "int8": ("gptjax_matmul_int8", "GptjaxMatmulInt8"),
+            "attention": ("gptjax_cached_attention", "GptjaxCachedAttention")}
 
 
 @functools.cache
-def _register() -> str | None:
-    """Load the library and register its handlers with XLA once; None, or why it could not be."""
+def _library() -> ctypes.CDLL | str:
+    """The loaded library with its handlers registered with XLA (once), or why it could not be."""
     spec = importlib.util.find_spec(_LIBRARY)
     if spec is None or spec.origin is None:
         return (f"{_LIBRARY} was not built when gptjax was installed (it needs a C++ compiler; "
@@ -36,31 +47,78 @@ def _register() -> str | None:
     library = ctypes.CDLL(spec.origin)
     for target, symbol in _TARGETS.values():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
-    return None
+    return library
 
 
 def unavailable() -> str | None:
     """Why the compiled kernels cannot be used in this installation (None: they can)."""
-    return _register()
+    library = _library()
+    return library if isinstance(library, str) else None
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The loops this CPU runs, widest first ("avx512", "avx2", "portable"); () without the library."""
+    if unavailable() is not None:
+        return ()
+    bits = _library().gptjax_supported_isas()
+    return tuple(name for i, name in enumerate(ISAS) if i > 0 and bits & (1 << i))
+
+
+def _isa_code(isa: str) -> np.int32:
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    if isa != "auto" and isa not in supported_isas():
+        raise ValueError(f"this CPU cannot run the {isa} loop; it runs {supported_isas()}")
+    return np.int32(ISAS.index(isa))
+
+
+def _check_available() -> None:
+    if (reason := unavailable()) is not None:
+        raise RuntimeError(reason)
 
 
 def weights_matmul(x: jax.Array, values: jax.Array, scale: jax.Array | None = None, *,
-                   portable: bool = False) -> jax.Array:
+                   isa: str = "auto") -> jax.Array:
     """``x @ values`` (times ``scale`` per column for int8) in float32, for x [rows, k] float32 with
     rows <= MAX_ROWS and values [k, n] bfloat16 (no scale) or int8 (with its [n] float32 scale).
 
-    Only for programs lowered for the CPU, and only where :func:`unavailable` is None. The library
-    takes its AVX-512 loop where the CPU has AVX-512, else a portable one; ``portable=True`` forces
-    the portable one (for testing it)."""
-    if (reason := unavailable()) is not None:
-        raise RuntimeError(reason)
+    Only for programs lowered for the CPU, and only where :func:`unavailable` is None."""
+    _check_available()
     if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.dtype != jnp.float32:
         raise ValueError(f"weights_matmul needs float32 x of shape [rows <= {MAX_ROWS}, k], got {x.dtype}{x.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32)
     if values.dtype == jnp.int8:
         if scale is None:
             raise ValueError("int8 weights need their per-column scale")
-        return jax.ffi.ffi_call(_TARGETS["int8"][0], out)(x, values, scale.astype(jnp.float32), portable=portable)
+        return jax.ffi.ffi_call(_TARGETS["int8"][0], out)(x, values, scale.astype(jnp.float32), isa=_isa_code(isa))
     if values.dtype != jnp.bfloat16 or scale is not None:
         raise ValueError(f"weights_matmul reads bfloat16 weights, or int8 weights with a scale; got {values.dtype}")
-    return jax.ffi.ffi_call(_TARGETS["bfloat16"][0], out)(x, values, portable=portable)
+    return jax.ffi.ffi_call(_TARGETS["bfloat16"][0], out)(x, values, isa=_isa_code(isa))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                     pos: jax.Array, *, isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One new position's attention over a KV cache, and the cache with that position written.
+
+    q, k, v: [rows, heads, head_dim] float32, the new query, key and value of each row; cache_k, cache_v:
+    [rows, heads, slots, head_dim] float32; pos: [rows] int32, each row's position. Writes row r's key and
+    value at slot pos[r] (clamped into the cache) and returns (the attention output [rows, heads,
+    head_dim] of each query over slots 0..pos[r], the new cache_k, the new cache_v): what
+    :func:`gptjax.model.causal_attention` computes for one query over the updated cache. The caches are
+    updated in place where XLA can give their buffers to the results (a donated or loop-carried cache).
+    Under ``jax.vmap`` every argument gets the mapped axis (the kernel treats it as more rows).
+    """
+    _check_available()
+    rows, heads, slots, head_dim = cache_k.shape[-4:] if cache_k.ndim >= 4 else (None,) * 4
+    if (cache_k.ndim != 4 or cache_v.shape != cache_k.shape or q.shape != (rows, heads, head_dim)
+            or k.shape != q.shape or v.shape != q.shape or pos.shape != (rows,)):
+        raise ValueError("cached_attention needs q, k, v [rows, heads, head_dim], caches [rows, heads, slots, "
+                         f"head_dim] and pos [rows]; got q {q.shape}, k {k.shape}, v {v.shape}, caches "
+                         f"{cache_k.shape} {cache_v.shape}, pos {pos.shape}")
+    if not all(a.dtype == jnp.float32 for a in (q, k, v, cache_k, cache_v)):
+        raise ValueError("cached_attention reads float32 queries, keys, values and caches")
+    out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(cache_k.shape, jnp.float32),
+           jax.ShapeDtypeStruct(cache_v.shape, jnp.float32))
+    call = jax.ffi.ffi_call(_TARGETS["attention"][0], out, input_output_aliases={3: 1, 4: 2},
+                            vmap_method="broadcast_all")
+    return call(q, k, v, cache_k, cache_v, pos.astype(jnp.int32), isa=_isa_code(isa))

@@ -123,6 +123,22 @@ def causal_attention(
     return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v)
 
 
+def attend_with_cache(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
+    preallocated cache; the causal mask hides the slots not yet written. The cache is heads-major
+    ([batch, heads, slots, head_dim]): each decode step then reads it as it lies instead of
+    transposing all of it."""
+    def write(slots, new):
+        return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
+
+    cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+    context = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_offset=pos,
+                               kv_heads_major=True)
+    return context, cache
+
+
 class MultiHeadAttention(nnx.Module):
     def __init__(
         self,
@@ -155,16 +171,7 @@ class MultiHeadAttention(nnx.Module):
         qkv = platform.project_qkv(x, (self.W_query, self.W_key, self.W_value))
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in qkv)
         if cache is not None:
-            # Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
-            # preallocated cache; the causal mask hides the slots not yet written. The cache is
-            # heads-major ([batch, heads, slots, head_dim]): each decode step then reads it as it
-            # lies instead of transposing all of it.
-            def write(slots, new):
-                return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
-
-            cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
-            context = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_offset=pos,
-                                       kv_heads_major=True)
+            context, cache = platform.cached_attention(q, k, v, cache, pos, xla=attend_with_cache)
         elif rngs is not None and self.dropout.rate > 0:
             dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
             context = causal_attention(q, k, v, dropout=dropout)

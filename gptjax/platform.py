@@ -18,6 +18,8 @@ gradient norm          matrix-vector products reductions                reductio
 attention, no dropout  blocked, own backward  cuDNN flash (bf16/fp16)   XLA
 bf16 / int8 weights    compiled kernel (<= 8  widened, then the dot     widened, then the dot
                        rows), else widened
+KV cache, 1 new token  compiled kernel,       XLA (update, attend)      XLA (update, attend)
+                       updated in place
 =====================  =====================  ========================  ==================================
 
 Why (benchmarks/NOTES.md has the measurements):
@@ -44,6 +46,12 @@ Why (benchmarks/NOTES.md has the measurements):
   The compiled matmul of :mod:`gptjax.cpu_kernels` reads the weights as stored; it is built for
   matrix-vector shapes, so longer inputs (a prompt) take the widened kernel and XLA's GEMM. GPU and TPU
   compilers fuse the widening into the dot's operand read.
+- KV cache at one new token (a decode step): in XLA the cache update is a dynamic-update-slice of the
+  decode loop's carry that the same iteration reads for attention, and XLA:CPU's copy insertion copies
+  every layer's K and V slabs several times a token; attention also reads every slot of the cache
+  bucket. The compiled attention of :mod:`gptjax.cpu_kernels` writes the new slot in place and reads only
+  the filled ones. GPU and TPU programs keep XLA's update and attention (on those, decoding is not
+  measured here).
 - Blocked attention (:mod:`gptjax.attention`): XLA:CPU's attention computes the masked upper half of
   the scores, and its gradient copies the [heads, seq, seq] score gradient transposed. Query blocks that
   skip the masked blocks, and a backward pass whose matmuls read every operand as it lies, took
@@ -145,6 +153,29 @@ def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwar
     if _reads_stored(kernel, x.dtype):  # x is already in the layer's compute dtype
         return stored_weights_matmul(x, kernel)
     return jax.lax.dot_general(x, kernel, dimension_numbers, **kwargs)
+
+
+# --- one new token's attention over the KV cache ---------------------------------------------------
+
+
+def compiled_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array],
+                              pos: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    b, _, heads, head_dim = q.shape
+    rows = [y.reshape(b, heads, head_dim) for y in (q, k, v)]
+    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, (b,)))
+    return out.reshape(q.shape), {"k": cache_k, "v": cache_v}
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
+                     *, xla: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``xla(q, k, v, cache, pos)``: write the chunk's keys and values into the KV cache at positions
+    pos..pos+t-1 and attend over it; q, k, v [batch, t, heads, head_dim]. Returns (context, new cache)."""
+    pos = jnp.asarray(pos, jnp.int32)
+    compiled = (q.shape[1] == 1 and cpu_kernels.unavailable() is None
+                and all(a.dtype == jnp.float32 for a in (q, k, v, cache["k"], cache["v"])))
+    if not compiled:
+        return xla(q, k, v, cache, pos)
+    return _cpu_or_accelerator(q, k, v, cache, pos, cpu=compiled_cached_attention, accelerator=xla)
 
 
 # --- q, k, v projections ---------------------------------------------------------------------------
@@ -278,4 +309,4 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 __all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "self_attention",
            "backward_barrier", "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul",
-           "cudnn_attention_unavailable", "VOCAB_MULTIPLE"]
+           "cudnn_attention_unavailable", "cached_attention", "VOCAB_MULTIPLE"]

@@ -1,7 +1,9 @@
-"""gptjax.cpu_kernels: the compiled bfloat16/int8-weight matmul against numpy, and where the model uses it
-(CPU decode steps) and where not (prompts, GPU and TPU programs)."""
+"""gptjax.cpu_kernels: the compiled bfloat16/int8-weight matmul against numpy and the cached attention
+against XLA's, every SIMD loop this CPU runs, and where the model uses them (CPU decode steps) and where
+not (prompts, GPU and TPU programs)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,22 +13,27 @@ import pytest
 
 import gptjax
 from gptjax import GPTConfig, cpu_kernels, platform
+from gptjax import sampling
+from gptjax.model import attend_with_cache
 from gptjax.quantize import dequantize_params, quantize_kernel, quantize_params
 from gptjax.sampling import generate
 
 CFG = GPTConfig(vocab_size=101, context_length=32, emb_dim=48, n_layers=2, n_heads=4, drop_rate=0.0, qkv_bias=True)
 CUSTOM_CALL = "gptjax_matmul"
+ATTENTION_CALL = "gptjax_cached_attention"
+ISAS = cpu_kernels.supported_isas()
 
 
 def test_the_kernel_was_built_by_the_install():
     assert cpu_kernels.unavailable() is None
+    assert ISAS[-1] == "portable"  # every CPU runs the portable loops
 
 
 # rows 1..MAX_ROWS; k not a multiple of the 4 rows the kernel widens at once; n not a multiple of its
 # 16-column registers, and narrower than the column share of two threads
-@pytest.mark.parametrize("portable", [False, True], ids=["cpu-specific", "portable"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("rows,k,n", [(1, 768, 3072), (1, 37, 5), (3, 130, 1000), (8, 64, 17), (2, 3, 50257)])
-def test_matches_a_numpy_reference(rows, k, n, portable):
+def test_matches_a_numpy_reference(rows, k, n, isa):
     rng = np.random.default_rng(rows * k + n)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -34,13 +41,27 @@ def test_matches_a_numpy_reference(rows, k, n, portable):
     q = quantize_kernel(w)
     want_bf16 = x.astype(np.float64) @ w_bf16.astype(np.float64)
     want_int8 = (x.astype(np.float64) @ np.asarray(q.values, np.float64)) * np.asarray(q.scale, np.float64)
-    run = jax.jit(functools.partial(cpu_kernels.weights_matmul, portable=portable))
+    run = jax.jit(functools.partial(cpu_kernels.weights_matmul, isa=isa))
     got_bf16, got_int8 = run(x, jnp.asarray(w_bf16)), run(x, q.values, q.scale)
     assert got_bf16.dtype == got_int8.dtype == jnp.float32 and got_bf16.shape == (rows, n)
     # float32 sums of k products: rounding grows like sqrt(k) ulps of the terms' size
     tol = 1e-6 * np.sqrt(k) * np.abs(x).max() * np.abs(w).max() * 4
     np.testing.assert_allclose(got_bf16, want_bf16, atol=tol, rtol=0)
     np.testing.assert_allclose(got_int8, want_int8, atol=tol * float(np.abs(q.values).max()), rtol=0)
+
+
+def test_simd_loops_agree_bit_for_bit():
+    """The AVX-512 and AVX2 matmul loops add the same fused products in the same order."""
+    simd = [isa for isa in ISAS if isa != "portable"]
+    if len(simd) < 2:
+        pytest.skip(f"this CPU runs only {ISAS}: nothing to compare")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((200, 777)).astype(ml_dtypes.bfloat16))
+    q = quantize_kernel(rng.standard_normal((200, 777)).astype(np.float32))
+    for args in ((x, w), (x, q.values, q.scale)):
+        a, b = (np.asarray(jax.jit(functools.partial(cpu_kernels.weights_matmul, isa=isa))(*args)) for isa in simd)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_refuses_what_it_cannot_compute():
@@ -51,6 +72,75 @@ def test_refuses_what_it_cannot_compute():
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.int8))
     with pytest.raises(ValueError, match="reads bfloat16 weights, or int8 weights with a scale"):
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.float32))
+    with pytest.raises(ValueError, match="isa must be one of"):
+        cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.bfloat16), isa="sse")
+    with pytest.raises(ValueError, match=r"cached_attention needs q, k, v \[rows, heads, head_dim\]"):
+        cpu_kernels.cached_attention(*(jnp.ones((1, 2, 8)),) * 3, *(jnp.ones((1, 2, 4, 4)),) * 2, jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="reads float32"):
+        cpu_kernels.cached_attention(*(jnp.ones((1, 2, 8), jnp.bfloat16),) * 3, *(jnp.ones((1, 2, 4, 8)),) * 2,
+                                     jnp.zeros(1, jnp.int32))
+
+
+# --- the cached attention -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cached_attention_matches_xla(isa):
+    """Against the XLA update and attention it replaces (gptjax.model.attend_with_cache): the cache written
+    identically, the output within float32 rounding, at the first slot, in the middle, at the last slot,
+    and past it (clamped, as XLA's update is); rows at different positions."""
+    rng = np.random.default_rng(3)
+    b, heads, slots, head_dim = 3, 4, 20, 24  # head_dim not a multiple of the kernel's 16 partial sums
+    q, k, v = (jnp.asarray(rng.standard_normal((b, 1, heads, head_dim)), jnp.float32) for _ in range(3))
+    cache = {name: jnp.asarray(rng.standard_normal((b, heads, slots, head_dim)), jnp.float32) for name in "kv"}
+    run = jax.jit(functools.partial(cpu_kernels.cached_attention, isa=isa))
+    for positions in ([0, 0, 0], [0, 7, 19], [19, 25, 3]):
+        pos = np.array(positions, np.int32)
+        out, cache_k, cache_v = run(*(y.reshape(b, heads, head_dim) for y in (q, k, v)), cache["k"], cache["v"], pos)
+        for r, p in enumerate(positions):
+            want, want_cache = attend_with_cache(q[r:r + 1], k[r:r + 1], v[r:r + 1],
+                                                 {name: c[r:r + 1] for name, c in cache.items()}, p)
+            np.testing.assert_allclose(out[r], want[0, 0], atol=2e-6, rtol=0)
+            np.testing.assert_array_equal(cache_k[r], want_cache["k"][0])
+            np.testing.assert_array_equal(cache_v[r], want_cache["v"][0])
+
+
+def test_cached_attention_loops_agree_bit_for_bit():
+    """Every loop sums in one order (no contraction into fused multiply-adds): identical outputs."""
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 64)), jnp.float32) for _ in range(3))
+    caches = [jnp.asarray(rng.standard_normal((2, 12, 300, 64)), jnp.float32) for _ in range(2)]
+    pos = jnp.array([299, 130], jnp.int32)
+    outs = [np.asarray(jax.jit(functools.partial(cpu_kernels.cached_attention, isa=isa))(q, k, v, *caches, pos)[0])
+            for isa in ISAS]
+    for other in outs[1:]:
+        np.testing.assert_array_equal(other, outs[0])
+
+
+def test_decode_loop_updates_the_cache_in_place():
+    """The compiled decode program calls the kernel once per layer and loop, and copies no cache-sized
+    array inside its loops (XLA's update of the loop-carried cache copied every slab several times a
+    token); the only cache copies are the call's inputs, once, as it starts."""
+    cfg = CFG.replace(context_length=256, emb_dim=64)
+    params = gptjax.init_params(cfg, seed=0)
+    buffer = np.zeros((1, 128), np.int32)
+    logits, cache = sampling._prefill(params, cfg, buffer[:, :16], np.int32(3), slots=64)
+    compiled = sampling._decode.lower(params, cfg, buffer, cache, logits, np.int32(3), np.int32(100),
+                                      np.int32(-1), jax.random.key(0), np.float32(0), np.float32(1),
+                                      greedy=True, top_k=None, use_top_p=False).compile().as_text()
+    cache_shape = re.compile(rf"f32\[1,{cfg.n_heads},(64|128),{cfg.head_dim}\]\S* copy\(")
+    copies = [line for line in compiled.splitlines() if cache_shape.search(line)]
+    assert len(copies) == 2 * cfg.n_layers and all("cache" in line for line in copies), copies
+    assert compiled.count(f"custom_call_target=\"{ATTENTION_CALL}\"") == 2 * cfg.n_layers  # 64 and 128 slots
+
+
+def test_accelerator_programs_keep_xla_attention():
+    cache = sampling.init_cache(CFG, 1, slots=16)
+    traced = jax.jit(lambda p, x, c: gptjax.apply_with_cache(p, CFG, x, c, 5)).trace(
+        gptjax.init_params(CFG, seed=0), jax.ShapeDtypeStruct((1, 1), jnp.int32), cache)
+    cpu, cuda, tpu = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda", "tpu"))
+    assert cpu.count(ATTENTION_CALL) == CFG.n_layers
+    assert ATTENTION_CALL not in cuda and ATTENTION_CALL not in tpu
 
 
 @pytest.mark.parametrize("weights_dtype", ["bfloat16", "int8"])
@@ -108,8 +198,8 @@ def test_quantized_kernel_reads_whole_only():
 
 
 def test_without_the_library_decoding_widens_and_says_so(monkeypatch):
-    """An install without a C++ compiler: same tokens through XLA's dot, and a warning saying why it is slow."""
-    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "gptjax._weights_matmul was not built")
+    """An install without a C++ compiler: same tokens through XLA alone, and a warning saying why it is slow."""
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "gptjax._cpu_kernels was not built")
     cfg = CFG.replace(emb_dim=40, n_heads=2, n_layers=1)  # a shape no other test traced, so it is traced anew
     params = gptjax.init_params(cfg, seed=4)
     prompt = np.array([[3, 1, 4]])
@@ -118,3 +208,6 @@ def test_without_the_library_decoding_widens_and_says_so(monkeypatch):
     np.testing.assert_array_equal(got, generate(dequantize_params(quantize_params(params, "int8")), cfg, prompt, 6))
     step = jax.jit(lambda p, x: gptjax.apply(p, cfg, x)).lower(quantize_params(params, "int8"), prompt[:, :1])
     assert CUSTOM_CALL not in step.as_text()
+    cached = jax.jit(lambda p, x, c: gptjax.apply_with_cache(p, cfg, x, c, 2)).lower(
+        params, prompt[:, :1], sampling.init_cache(cfg, 1, slots=16))
+    assert ATTENTION_CALL not in cached.as_text()

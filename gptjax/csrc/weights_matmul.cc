@@ -9,15 +9,10 @@
 // products and sums stay float32 (weight-only quantization). The order of the sums is fixed by the
 // shapes alone, so results do not depend on which thread computed what.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "tasks.h"
 
 namespace ffi = xla::ffi;
 
@@ -53,7 +48,7 @@ void block_portable(const float* x, const W* w, float* y, int64_t m, int64_t k, 
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define GPTJAX_AVX512 1
+#define GPTJAX_SIMD 1
 
 // Sixteen stored weights widened to float32 in one register.
 __attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const uint16_t* w) {
@@ -67,9 +62,9 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const in
 // The same share with AVX-512: eight weight rows of 16 columns are widened into registers once and used
 // by every batch row, so y's part is loaded and stored once per eight rows (faster than four, measured);
 // each output still sums its rows in order. Columns past the last multiple of 16 and a last group of
-// fewer than eight rows take the portable loop's arithmetic.
+// fewer than eight rows take scalar fused multiply-adds, so every output rounds as the vector ones do.
 template <typename W>
-__attribute__((target("avx512f"))) void block_avx512(const float* x, const W* w, float* y, int64_t m, int64_t k,
+__attribute__((target("avx512f,fma"))) void block_avx512(const float* x, const W* w, float* y, int64_t m, int64_t k,
                                                      int64_t n, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
   const int64_t j16 = j0 + (j1 - j0) / 16 * 16;
   for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
@@ -98,57 +93,81 @@ __attribute__((target("avx512f"))) void block_avx512(const float* x, const W* w,
     for (int64_t q = 0; q < 8; ++q) {
       for (int64_t r = 0; r < m; ++r) {
         const float xi = x[r * k + i + q];
-        for (int64_t j = j16; j < j1; ++j) y[r * n + j] += xi * widen(w[(i + q) * n + j]);
+        for (int64_t j = j16; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[(i + q) * n + j]), y[r * n + j]);
       }
     }
   }
   for (; i < i1; ++i) {
     for (int64_t r = 0; r < m; ++r) {
       const float xi = x[r * k + i];
-      for (int64_t j = j0; j < j1; ++j) y[r * n + j] += xi * widen(w[i * n + j]);
+      for (int64_t j = j0; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[i * n + j]), y[r * n + j]);
+    }
+  }
+}
+
+// Eight stored weights widened to float32 in one register.
+__attribute__((target("avx2"), always_inline)) inline __m256 widen8(const uint16_t* w) {
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+__attribute__((target("avx2"), always_inline)) inline __m256 widen8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
+// block_avx512 for CPUs with AVX2 and FMA only (8 columns a register); each output sums its rows in the
+// same order with the same fused multiply-adds, so the two agree bit for bit.
+template <typename W>
+__attribute__((target("avx2,fma"))) void block_avx2(const float* x, const W* w, float* y, int64_t m, int64_t k,
+                                                    int64_t n, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+  const int64_t j8 = j0 + (j1 - j0) / 8 * 8;
+  for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) {
+    const W* w0 = w + i * n;
+    for (int64_t j = j0; j < j8; j += 8) {
+      const __m256 a = widen8(w0 + j), b = widen8(w0 + n + j), c = widen8(w0 + 2 * n + j),
+                   d = widen8(w0 + 3 * n + j), e = widen8(w0 + 4 * n + j), f = widen8(w0 + 5 * n + j),
+                   g = widen8(w0 + 6 * n + j), h = widen8(w0 + 7 * n + j);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * k + i;
+        float* out = y + r * n + j;
+        __m256 s = _mm256_loadu_ps(out);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[0]), a, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[1]), b, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[2]), c, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[3]), d, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[4]), e, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[5]), f, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[6]), g, s);
+        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[7]), h, s);
+        _mm256_storeu_ps(out, s);
+      }
+    }
+    for (int64_t q = 0; q < 8; ++q) {
+      for (int64_t r = 0; r < m; ++r) {
+        const float xi = x[r * k + i + q];
+        for (int64_t j = j8; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[(i + q) * n + j]), y[r * n + j]);
+      }
+    }
+  }
+  for (; i < i1; ++i) {
+    for (int64_t r = 0; r < m; ++r) {
+      const float xi = x[r * k + i];
+      for (int64_t j = j0; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[i * n + j]), y[r * n + j]);
     }
   }
 }
 #endif
 
-// `portable` forces the portable loop (the tests check it on AVX-512 machines too).
+// `isa` is a resolved gptjax::Isa (the tests run every loop the machine has).
 template <typename W>
 void block(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t i0, int64_t i1,
-           int64_t j0, int64_t j1, bool portable) {
-#ifdef GPTJAX_AVX512
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  if (avx512 && !portable) return block_avx512(x, w, y, m, k, n, i0, i1, j0, j1);
+           int64_t j0, int64_t j1, gptjax::Isa isa) {
+#ifdef GPTJAX_SIMD
+  if (isa == gptjax::kAvx512) return block_avx512(x, w, y, m, k, n, i0, i1, j0, j1);
+  if (isa == gptjax::kAvx2) return block_avx2(x, w, y, m, k, n, i0, i1, j0, j1);
 #endif
   block_portable(x, w, y, m, k, n, i0, i1, j0, j1);
-}
-
-// Tasks are handed out through an atomic counter to the calling thread and to helpers queued on XLA's
-// intra-op pool. The caller works too and waits only for tasks already taken, so the call finishes even
-// when no pool thread is free (XLA may run several custom calls at once on its pool), and a helper that
-// wakes late still takes what is left.
-struct Tasks {
-  explicit Tasks(int64_t count) : count(count) {}
-  const int64_t count;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-template <typename Fn>
-void run_tasks(ffi::ThreadPool& pool, int64_t threads, int64_t count, Fn fn) {
-  auto tasks = std::make_shared<Tasks>(count);
-  auto work = [tasks, fn]() {
-    for (int64_t t; (t = tasks->next.fetch_add(1)) < tasks->count;) {
-      fn(t);
-      tasks->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < std::min(threads, count); ++t) pool.Schedule(std::function<void()>(work));
-  work();
-  while (tasks->done.load(std::memory_order_acquire) < count) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
 }
 
 // Each task reads one contiguous stretch of the weights, so the hardware prefetcher streams it:
@@ -163,13 +182,13 @@ constexpr int64_t kWideRowBytes = 64 * 1024;
 
 template <typename W>
 void matmul(ffi::ThreadPool& pool, const float* x, const W* w, const float* scale, float* y, int64_t m, int64_t k,
-            int64_t n, bool portable) {
+            int64_t n, gptjax::Isa isa) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (n * static_cast<int64_t>(sizeof(W)) >= kWideRowBytes || k < 8 * threads) {
     const int64_t width = ((n + threads - 1) / threads + 15) / 16 * 16;
-    run_tasks(pool, threads, (n + width - 1) / width, [=](int64_t t) {
+    gptjax::run_tasks(pool, threads, (n + width - 1) / width, [=](int64_t t) {
       const int64_t j0 = t * width, j1 = std::min(n, j0 + width);
-      block(x, w, y, m, k, n, 0, k, j0, j1, portable);
+      block(x, w, y, m, k, n, 0, k, j0, j1, isa);
       if (scale != nullptr) {
         for (int64_t r = 0; r < m; ++r) {
           for (int64_t j = j0; j < j1; ++j) y[r * n + j] *= scale[j];
@@ -182,8 +201,8 @@ void matmul(ffi::ThreadPool& pool, const float* x, const W* w, const float* scal
   const int64_t count = (k + rows - 1) / rows;
   std::vector<float> partial(static_cast<size_t>(count * m * n));
   float* p = partial.data();
-  run_tasks(pool, threads, count, [=](int64_t t) {
-    block(x, w, p + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n, portable);
+  gptjax::run_tasks(pool, threads, count, [=](int64_t t) {
+    block(x, w, p + t * m * n, m, k, n, t * rows, std::min(k, (t + 1) * rows), 0, n, isa);
   });
   for (int64_t r = 0; r < m; ++r) {
     float* out = y + r * n;
@@ -198,7 +217,11 @@ void matmul(ffi::ThreadPool& pool, const float* x, const W* w, const float* scal
   }
 }
 
-ffi::Error check_shapes(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w, ffi::AnyBuffer::Dimensions y) {
+ffi::Error check(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w, ffi::AnyBuffer::Dimensions y,
+                 int32_t isa) {
+  if (isa != gptjax::kAuto && gptjax::resolve(isa) != isa) {
+    return ffi::Error::InvalidArgument("weights_matmul: this CPU cannot run the loop asked for");
+  }
   if (x.size() != 2 || w.size() != 2 || y.size() != 2) {
     return ffi::Error::InvalidArgument("weights_matmul: x, w and y must be matrices");
   }
@@ -212,28 +235,26 @@ ffi::Error check_shapes(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions
 }
 
 ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
-                      ffi::ResultBuffer<ffi::F32> y, bool portable) {
-  if (ffi::Error e = check_shapes(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
+                      ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa); e.failure()) return e;
   matmul(pool, x.typed_data(), reinterpret_cast<const uint16_t*>(w.typed_data()), nullptr, y->typed_data(),
-         x.dimensions()[0], x.dimensions()[1], w.dimensions()[1], portable);
+         x.dimensions()[0], x.dimensions()[1], w.dimensions()[1], gptjax::resolve(isa));
   return ffi::Error::Success();
 }
 
 ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool portable) {
-  if (ffi::Error e = check_shapes(x.dimensions(), w.dimensions(), y->dimensions()); e.failure()) return e;
+                      ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa); e.failure()) return e;
   if (scale.dimensions().size() != 1 || scale.dimensions()[0] != w.dimensions()[1]) {
     return ffi::Error::InvalidArgument("weights_matmul: scale must have one entry per column of w");
   }
   matmul(pool, x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), x.dimensions()[0],
-         x.dimensions()[1], w.dimensions()[1], portable);
+         x.dimensions()[1], w.dimensions()[1], gptjax::resolve(isa));
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// The library is built with hidden visibility; only the two handlers are its interface.
-#define GPTJAX_EXPORT extern "C" __attribute__((visibility("default")))
 GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulBf16(XLA_FFI_CallFrame* call_frame);
 GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulInt8(XLA_FFI_CallFrame* call_frame);
 
@@ -243,7 +264,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulBf16, MatmulBf16,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("portable"));
+                                  .Attr<int32_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulInt8, MatmulInt8,
                               ffi::Ffi::Bind()
@@ -252,4 +273,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulInt8, MatmulInt8,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<bool>("portable"));
+                                  .Attr<int32_t>("isa"));
