@@ -2,11 +2,13 @@
 
 Two things a batch-1 decode step on XLA:CPU does badly (benchmarks/NOTES.md):
 
-* **bfloat16 / int8 weights** (:func:`weights_matmul`): XLA:CPU has no dot that reads them beside float32
-  activations; it widens the whole kernel into a float32 buffer first, so decoding from smaller weights
-  was slower than from float32. This kernel reads the weights as stored and widens them in registers, so a
-  step, bound by the bytes of weight it reads, reads 2 or 1 bytes per weight instead of 4. Activations,
-  products and sums stay float32.
+* **the matrix-vector products** (:func:`weights_matmul`): XLA:CPU has no dot that reads bfloat16 or int8
+  weights beside float32 activations; it widens the whole kernel into a float32 buffer first, so decoding
+  from smaller weights was slower than from float32. This kernel reads the weights as stored and widens
+  them in registers, so a step, bound by the bytes of weight it reads, reads 2 or 1 bytes per weight
+  instead of 4. Activations, products and sums stay float32. From float32 weights too it streams the
+  weights faster than XLA's dot does at these shapes (gpt2-small's 73 decode-step matmuls: 17.9 ms against
+  23.4 ms, benchmarks/NOTES.md).
 * **the KV cache** (:func:`cached_attention`): writing the new key and value into the cache and attending
   over it in one loop iteration makes XLA copy every layer's cache slabs several times a token. This
   kernel updates the cache in place (its operands are aliased to its results) and reads only the filled
@@ -30,10 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MAX_ROWS = 8  # kMaxRows in weights_matmul.cc
+# The most rows of activations the model sends through weights_matmul: past that, XLA's GEMM (on the
+# widened kernel) is faster. The kernel itself takes any number (a vmapped decode step passes more).
+MAX_ROWS = 8
 ISAS = ("auto", "avx512", "avx2", "portable")  # gptjax::Isa in tasks.h, in its order
 _LIBRARY = "gptjax._cpu_kernels"
 _TARGETS = {"bfloat16": ("gptjax_matmul_bf16", "GptjaxMatmulBf16"), "int8": ("gptjax_matmul_int8", "GptjaxMatmulInt8"),
+            "float32": ("gptjax_matmul_f32", "GptjaxMatmulF32"),
             "attention": ("gptjax_cached_attention", "GptjaxCachedAttention")}
 
 
@@ -80,9 +85,11 @@ def _check_available() -> None:
 def weights_matmul(x: jax.Array, values: jax.Array, scale: jax.Array | None = None, *,
                    isa: str = "auto") -> jax.Array:
     """``x @ values`` (times ``scale`` per column for int8) in float32, for x [rows, k] float32 with
-    rows <= MAX_ROWS and values [k, n] bfloat16 (no scale) or int8 (with its [n] float32 scale).
+    rows <= MAX_ROWS and values [k, n] float32 or bfloat16 (no scale) or int8 (with its [n] float32 scale).
 
-    Only for programs lowered for the CPU, and only where :func:`unavailable` is None."""
+    Only for programs lowered for the CPU, and only where :func:`unavailable` is None. Under ``jax.vmap``
+    of the activations (the weights unbatched), the mapped rows are more rows of the same call. Not
+    differentiable (:func:`gptjax.platform.float32_weights_matmul` is)."""
     _check_available()
     if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.dtype != jnp.float32:
         raise ValueError(f"weights_matmul needs float32 x of shape [rows <= {MAX_ROWS}, k], got {x.dtype}{x.shape}")
@@ -90,10 +97,13 @@ def weights_matmul(x: jax.Array, values: jax.Array, scale: jax.Array | None = No
     if values.dtype == jnp.int8:
         if scale is None:
             raise ValueError("int8 weights need their per-column scale")
-        return jax.ffi.ffi_call(_TARGETS["int8"][0], out)(x, values, scale.astype(jnp.float32), isa=_isa_code(isa))
-    if values.dtype != jnp.bfloat16 or scale is not None:
-        raise ValueError(f"weights_matmul reads bfloat16 weights, or int8 weights with a scale; got {values.dtype}")
-    return jax.ffi.ffi_call(_TARGETS["bfloat16"][0], out)(x, values, isa=_isa_code(isa))
+        call = jax.ffi.ffi_call(_TARGETS["int8"][0], out, vmap_method="expand_dims")
+        return call(x, values, scale.astype(jnp.float32), isa=_isa_code(isa))
+    if values.dtype not in (jnp.bfloat16, jnp.float32) or scale is not None:
+        raise ValueError("weights_matmul reads bfloat16 or float32 weights, or int8 weights with a scale; got "
+                         f"{values.dtype}")
+    call = jax.ffi.ffi_call(_TARGETS[str(values.dtype)][0], out, vmap_method="expand_dims")
+    return call(x, values, isa=_isa_code(isa))
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,

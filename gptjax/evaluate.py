@@ -44,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score HellaSwag examples (the dataset's hellaswag_val.jsonl) instead of the corpus "
                         "losses (default: none)")
     cli.add_n_heads_flag(parser)
+    cli.add_compile_cache_flags(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        cli.setup_compile_cache(args)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         if not 0 < args.train_ratio < 1:

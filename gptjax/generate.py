@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="store the matmul weights as bfloat16, or int8 with per-channel scales, for decoding; "
                         "activations and logits stay float32 (default: float32)")
     cli.add_n_heads_flag(parser)
+    cli.add_compile_cache_flags(parser)
     return parser
 
 
@@ -65,6 +66,7 @@ def check_sampling_flags(args: argparse.Namespace, vocab_size: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        cli.setup_compile_cache(args)
         tokenizer = get_tokenizer()
         check_sampling_flags(args, tokenizer.n_vocab)
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)

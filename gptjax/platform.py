@@ -16,8 +16,10 @@ logits matmul          50257 columns          padded to 50304           50257 co
 block input, backward  barrier (conditional)  plain                     plain
 gradient norm          matrix-vector products reductions                reductions
 attention, no dropout  blocked, own backward  cuDNN flash (bf16/fp16)   XLA
-bf16 / int8 weights    compiled kernel (<= 8  widened, then the dot     widened, then the dot
-                       rows), else widened
+Linear, <= 8 rows      compiled kernel,       XLA's dot (bf16 / int8    XLA's dot (bf16 / int8
+(a decode step)        weights as stored      widened first)            widened first)
+Linear, more rows      XLA's dot (bf16 /      the same                  the same
+                       int8 widened first)
 KV cache, 1 new token  compiled kernel,       XLA (update, attend)      XLA (update, attend)
                        updated in place
 =====================  =====================  ========================  ==================================
@@ -41,11 +43,12 @@ Why (benchmarks/NOTES.md has the measurements):
 - Gradient norm: on XLA:CPU a plain reduction over the output head's [768, 50257] gradient becomes a
   YNNPACK reduce that, run beside the rest of the backward pass, stalls a core: 0.9 s of a 3.2 s
   GPT_CONFIG_124M step. The matvec is an ordinary GEMV there (HIGHEST keeps it float32).
-- bfloat16 / int8 weights (decoding from :mod:`gptjax.quantize`'s trees): XLA:CPU widens a whole
-  kernel into a float32 buffer before any dot, so decode steps read more memory than from float32.
-  The compiled matmul of :mod:`gptjax.cpu_kernels` reads the weights as stored; it is built for
-  matrix-vector shapes, so longer inputs (a prompt) take the widened kernel and XLA's GEMM. GPU and TPU
-  compilers fuse the widening into the dot's operand read.
+- Linear layers in a decode step: from bfloat16 / int8 weights (:mod:`gptjax.quantize`'s trees) XLA:CPU
+  widens a whole kernel into a float32 buffer before any dot, so decode steps read more memory than from
+  float32; and from float32 weights its matrix-vector dot streams the weights slower than the machine
+  allows. The compiled matmul of :mod:`gptjax.cpu_kernels` reads the weights as stored, at the memory's
+  speed; it is built for matrix-vector shapes, so longer inputs (a prompt, a training batch) take XLA's
+  GEMM (on the widened kernel). GPU and TPU compilers fuse the widening into the dot's operand read.
 - KV cache at one new token (a decode step): in XLA the cache update is a dynamic-update-slice of the
   decode loop's carry that the same iteration reads for attention, and XLA:CPU's copy insertion copies
   every layer's K and V slabs several times a token; attention also reads every slot of the cache
@@ -147,12 +150,40 @@ def linear_promote_dtype(args: tuple, *, dtype: Any = None, **kwargs) -> tuple:
     return inputs, kernel, bias
 
 
+@jax.custom_jvp
+def float32_weights_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` (float32 both) through the compiled kernel; differentiable (the derivative through
+    XLA's dots), so a tiny training batch that takes this path still has gradients."""
+    return compiled_matmul(x, kernel)
+
+
+@float32_weights_matmul.defjvp
+def _float32_weights_matmul_jvp(primals, tangents):
+    (x, kernel), (dx, dkernel) = primals, tangents
+    return float32_weights_matmul(x, kernel), dx @ kernel + x @ dkernel
+
+
+def _decode_shaped(x: jax.Array, kernel: Any, dimension_numbers: Any) -> bool:
+    """A float32 Linear layer applied to at most MAX_ROWS rows (a decode step), in the plain contraction."""
+    (contract_x, contract_k), (batch_x, batch_k) = dimension_numbers
+    plain = tuple(contract_x) == (x.ndim - 1,) and tuple(contract_k) == (0,) and not batch_x and not batch_k
+    return (plain and isinstance(kernel, jax.Array) and x.dtype == kernel.dtype == jnp.float32 and kernel.ndim == 2
+            and math.prod(x.shape[:-1]) <= cpu_kernels.MAX_ROWS and cpu_kernels.unavailable() is None)
+
+
 def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwargs) -> jax.Array:
     """A Linear layer's ``lax.dot_general``; a stored kernel (left unpromoted by
-    :func:`linear_promote_dtype`) goes through :func:`stored_weights_matmul`."""
+    :func:`linear_promote_dtype`) goes through :func:`stored_weights_matmul`, and a float32 one in a
+    decode step, on CPU, through :func:`float32_weights_matmul`."""
     if _reads_stored(kernel, x.dtype):  # x is already in the layer's compute dtype
         return stored_weights_matmul(x, kernel)
-    return jax.lax.dot_general(x, kernel, dimension_numbers, **kwargs)
+
+    def xla(x, kernel):
+        return jax.lax.dot_general(x, kernel, dimension_numbers, **kwargs)
+
+    if _decode_shaped(x, kernel, dimension_numbers):
+        return _cpu_or_accelerator(x, kernel, cpu=float32_weights_matmul, accelerator=xla)
+    return xla(x, kernel)
 
 
 # --- one new token's attention over the KV cache ---------------------------------------------------

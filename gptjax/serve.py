@@ -477,12 +477,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $GPTJAX_API_KEY, else none)")
     cli.add_n_heads_flag(p)
+    cli.add_compile_cache_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        cli.setup_compile_cache(args)
         for name in ("max_batch", "max_queue"):
             if getattr(args, name) < 1:
                 raise ValueError(f"{cli.flag(name)} must be at least 1, got {getattr(args, name)}")

@@ -57,7 +57,7 @@ DEVICE_FLAGS = ("mesh", "coordinator", "num_processes", "process_id", "distribut
 # What a run reports and to where (config.json's "monitoring"): free to change when resuming too.
 MONITOR_FLAGS = ("tensorboard", "wandb", "hellaswag", "hellaswag_every")
 RESUME_OVERRIDES = ("max_steps", "save_every", "save_minutes", "keep", "progress", "peak_tflops", *DEVICE_FLAGS,
-                    *MONITOR_FLAGS)
+                    *MONITOR_FLAGS, *cli.COMPILE_CACHE_FLAGS)
 HELLASWAG_EVERY = 250
 METRICS, SAMPLES, CONFIG, PLOT = "metrics.jsonl", "samples.txt", "config.json", "loss.png"
 
@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", type=int, metavar="N", help=f"checkpoints to keep (default: {d.keep})")
     r.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (or from step 0 "
                    "if it has none) to its end, with its settings (only --max-steps, --save-every, --save-minutes, "
-                   "--keep, --no-progress and the device flags may be given: a run may resume on another mesh) "
-                   "(default: start a new run)")
+                   "--keep, --no-progress, the device flags and the compile-cache flags may be given: a run may resume on "
+                   "another mesh) (default: start a new run)")
     r.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (default: a progress bar)")
 
@@ -135,12 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--peak-tflops", type=float, metavar="X", help="one device's peak TFLOPS, for the MFU in the "
                    "progress bar and metrics.jsonl (default: the datasheet peak of known GPUs and TPUs for --dtype; "
                    "none on CPU)")
+    cli.add_compile_cache_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
+        cli.setup_compile_cache(args)
         run(args)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,11 +42,12 @@ def test_matches_a_numpy_reference(rows, k, n, isa):
     want_bf16 = x.astype(np.float64) @ w_bf16.astype(np.float64)
     want_int8 = (x.astype(np.float64) @ np.asarray(q.values, np.float64)) * np.asarray(q.scale, np.float64)
     run = jax.jit(functools.partial(cpu_kernels.weights_matmul, isa=isa))
-    got_bf16, got_int8 = run(x, jnp.asarray(w_bf16)), run(x, q.values, q.scale)
-    assert got_bf16.dtype == got_int8.dtype == jnp.float32 and got_bf16.shape == (rows, n)
+    got_bf16, got_int8, got_f32 = run(x, jnp.asarray(w_bf16)), run(x, q.values, q.scale), run(x, jnp.asarray(w))
+    assert got_bf16.dtype == got_int8.dtype == got_f32.dtype == jnp.float32 and got_bf16.shape == (rows, n)
     # float32 sums of k products: rounding grows like sqrt(k) ulps of the terms' size
     tol = 1e-6 * np.sqrt(k) * np.abs(x).max() * np.abs(w).max() * 4
     np.testing.assert_allclose(got_bf16, want_bf16, atol=tol, rtol=0)
+    np.testing.assert_allclose(got_f32, x.astype(np.float64) @ w.astype(np.float64), atol=tol, rtol=0)
     np.testing.assert_allclose(got_int8, want_int8, atol=tol * float(np.abs(q.values).max()), rtol=0)
 
 
@@ -70,8 +71,8 @@ def test_refuses_what_it_cannot_compute():
         cpu_kernels.weights_matmul(x, jnp.ones((4, 3), jnp.bfloat16))
     with pytest.raises(ValueError, match="need their per-column scale"):
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.int8))
-    with pytest.raises(ValueError, match="reads bfloat16 weights, or int8 weights with a scale"):
-        cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.float32))
+    with pytest.raises(ValueError, match="reads bfloat16 or float32 weights, or int8 weights with a scale"):
+        cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.float16))
     with pytest.raises(ValueError, match="isa must be one of"):
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.bfloat16), isa="sse")
     with pytest.raises(ValueError, match=r"cached_attention needs q, k, v \[rows, heads, head_dim\]"):
@@ -156,6 +157,43 @@ def test_model_runs_on_stored_weights(weights_dtype):
     n_kernels = 6 * CFG.n_layers + 1
     assert step.count(f"@{CUSTOM_CALL}") == n_kernels  # every Linear layer, out_head included
     assert CUSTOM_CALL not in prompt
+
+
+def test_float32_decode_steps_use_the_kernel_and_keep_gradients():
+    """A float32 decode step's Linear layers go through the kernel (a prompt's through XLA's dot), with the
+    same logits; a batch small enough to take the kernel still differentiates, to XLA's gradient."""
+    params = gptjax.init_params(CFG, seed=0)
+    step, prompt = (jax.jit(lambda p, x: gptjax.apply(p, CFG, x)).lower(params, ids).as_text()
+                    for ids in (jnp.array([[5]]), jnp.arange(20).reshape(2, 10)))
+    assert step.count("@gptjax_matmul_f32") == 6 * CFG.n_layers + 1
+    assert CUSTOM_CALL not in prompt
+    ids = jnp.array([[5, 7, 9, 11]])  # 4 rows: the kernel's path
+    forward = jax.jit(lambda p: gptjax.apply(p, CFG, ids))
+    assert "gptjax_matmul_f32" in forward.lower(params).as_text()
+
+    def loss(p, allow_kernel):
+        if allow_kernel:
+            return jnp.mean(gptjax.apply(p, CFG, ids) ** 2)
+        with pytest.MonkeyPatch.context() as m:  # the same function through XLA alone
+            m.setattr(cpu_kernels, "MAX_ROWS", 0)
+            return jnp.mean(gptjax.apply(p, CFG, ids) ** 2)
+
+    got, want = (jax.grad(functools.partial(loss, allow_kernel=a))(params) for a in (True, False))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weights_dtype", ["float32", "bfloat16", "int8"])
+def test_kernels_under_vmap(weights_dtype):
+    """Batched activations over unbatched weights (the serving engine vmaps its decode step per row):
+    the mapped rows are more rows of one call, equal to the unmapped product."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((5, 1, 48)), jnp.float32)
+    w = rng.standard_normal((48, 30)).astype(np.float32)
+    args = {"float32": (jnp.asarray(w),), "bfloat16": (jnp.asarray(w.astype(ml_dtypes.bfloat16)),),
+            "int8": (quantize_kernel(w).values, quantize_kernel(w).scale)}[weights_dtype]
+    mapped = jax.jit(jax.vmap(lambda row: cpu_kernels.weights_matmul(row, *args)))(x)
+    np.testing.assert_allclose(mapped[:, 0], cpu_kernels.weights_matmul(x[:, 0], *args), atol=1e-5)
 
 
 def test_accelerator_programs_widen_instead():

@@ -84,3 +84,16 @@ def test_a_cancelled_request_frees_its_slot(engine):
     # Every slot is free again: a full batch of new requests all finish.
     results = run_all(engine, [dict(prompt=[3], max_tokens=3) for _ in range(engine.max_batch)])
     assert all(len(tokens) == 3 for tokens, _ in results)
+
+
+def test_int8_weights_greedy_equals_generate(params):
+    """The engine's vmapped decode step through the compiled kernels (stored int8 weights): the tokens of
+    generate from the same weights."""
+    eng = Engine(params, CFG, max_batch=2, weights_dtype="int8")
+    eng.start()
+    try:
+        results = run_all(eng, [dict(prompt=p, max_tokens=10, temperature=0.0) for p in PROMPTS[:3]])
+    finally:
+        eng.stop()
+    for p, (tokens, _) in zip(PROMPTS[:3], results):
+        assert tokens == generate(params, CFG, np.array([p]), 10, eos_id=50256, weights_dtype="int8")[0, len(p):].tolist()

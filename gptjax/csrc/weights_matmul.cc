@@ -18,10 +18,6 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Batch rows one call handles (the Python side uses XLA's dot above): the part of y a task accumulates,
-// [rows, its columns] float32, has to stay in its core's L2 cache.
-constexpr int64_t kMaxRows = 8;
-
 inline float widen(uint16_t w) {
   uint32_t bits = static_cast<uint32_t>(w) << 16;  // bfloat16 is the top half of a float32
   float f;
@@ -29,6 +25,7 @@ inline float widen(uint16_t w) {
   return f;
 }
 inline float widen(int8_t w) { return static_cast<float>(w); }
+inline float widen(float w) { return w; }
 
 // A task's share: y[r, j0:j1] = sum over i in [i0, i1) of x[r, i] * w[i, j], for r < m, written over
 // y (row stride n). The portable loop goes one weight row at a time.
@@ -55,6 +52,7 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const ui
   __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
+__attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const float* w) { return _mm512_loadu_ps(w); }
 __attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const int8_t* w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
 }
@@ -110,6 +108,7 @@ __attribute__((target("avx2"), always_inline)) inline __m256 widen8(const uint16
   __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
+__attribute__((target("avx2"), always_inline)) inline __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
 __attribute__((target("avx2"), always_inline)) inline __m256 widen8(const int8_t* w) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
 }
@@ -217,39 +216,68 @@ void matmul(ffi::ThreadPool& pool, const float* x, const W* w, const float* scal
   }
 }
 
+// The [m, k] x [k, n] product a call computes. x and y may have several leading dimensions (m is their
+// product) and w and the scale leading ones of size 1: what jax.vmap's "expand_dims" passes when the
+// activations are batched and the weights are not (gptjax.cpu_kernels.weights_matmul).
+struct Shape {
+  int64_t m = 0, k = 0, n = 0;
+};
+
+bool leading_ones(ffi::AnyBuffer::Dimensions d, size_t keep) {
+  for (size_t i = 0; i + keep < d.size(); ++i) {
+    if (d[i] != 1) return false;
+  }
+  return true;
+}
+
 ffi::Error check(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w, ffi::AnyBuffer::Dimensions y,
-                 int32_t isa) {
+                 int32_t isa, Shape* shape) {
   if (isa != gptjax::kAuto && gptjax::resolve(isa) != isa) {
     return ffi::Error::InvalidArgument("weights_matmul: this CPU cannot run the loop asked for");
   }
-  if (x.size() != 2 || w.size() != 2 || y.size() != 2) {
-    return ffi::Error::InvalidArgument("weights_matmul: x, w and y must be matrices");
+  if (x.size() < 2 || w.size() < 2 || y.size() != x.size() || !leading_ones(w, 2)) {
+    return ffi::Error::InvalidArgument("weights_matmul: x must be [..., m, k], w [k, n] (leading 1s allowed)");
   }
-  if (x[1] != w[0] || y[0] != x[0] || y[1] != w[1]) {
-    return ffi::Error::InvalidArgument("weights_matmul: shapes must be x [m, k], w [k, n], y [m, n]");
+  shape->k = w[w.size() - 2];
+  shape->n = w[w.size() - 1];
+  shape->m = 1;
+  for (size_t i = 0; i + 1 < x.size(); ++i) {
+    if (y[i] != x[i]) return ffi::Error::InvalidArgument("weights_matmul: y must be [..., m, n] for x [..., m, k]");
+    shape->m *= x[i];
   }
-  if (x[0] > kMaxRows) {
-    return ffi::Error::InvalidArgument("weights_matmul: at most 8 rows of x");
+  if (x[x.size() - 1] != shape->k || y[y.size() - 1] != shape->n) {
+    return ffi::Error::InvalidArgument("weights_matmul: shapes must be x [..., m, k], w [k, n], y [..., m, n]");
   }
   return ffi::Error::Success();
 }
 
 ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
-  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa); e.failure()) return e;
-  matmul(pool, x.typed_data(), reinterpret_cast<const uint16_t*>(w.typed_data()), nullptr, y->typed_data(),
-         x.dimensions()[0], x.dimensions()[1], w.dimensions()[1], gptjax::resolve(isa));
+  Shape s;
+  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa, &s); e.failure()) return e;
+  matmul(pool, x.typed_data(), reinterpret_cast<const uint16_t*>(w.typed_data()), nullptr, y->typed_data(), s.m,
+         s.k, s.n, gptjax::resolve(isa));
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  Shape s;
+  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa, &s); e.failure()) return e;
+  matmul(pool, x.typed_data(), w.typed_data(), nullptr, y->typed_data(), s.m, s.k, s.n, gptjax::resolve(isa));
   return ffi::Error::Success();
 }
 
 ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
-  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa); e.failure()) return e;
-  if (scale.dimensions().size() != 1 || scale.dimensions()[0] != w.dimensions()[1]) {
+  Shape s;
+  if (ffi::Error e = check(x.dimensions(), w.dimensions(), y->dimensions(), isa, &s); e.failure()) return e;
+  const auto sd = scale.dimensions();
+  if (sd.size() < 1 || sd[sd.size() - 1] != s.n || !leading_ones(sd, 1)) {
     return ffi::Error::InvalidArgument("weights_matmul: scale must have one entry per column of w");
   }
-  matmul(pool, x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), x.dimensions()[0],
-         x.dimensions()[1], w.dimensions()[1], gptjax::resolve(isa));
+  matmul(pool, x.typed_data(), w.typed_data(), scale.typed_data(), y->typed_data(), s.m, s.k, s.n,
+         gptjax::resolve(isa));
   return ffi::Error::Success();
 }
 
@@ -257,6 +285,15 @@ ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulBf16(XLA_FFI_CallFrame* call_frame);
 GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulInt8(XLA_FFI_CallFrame* call_frame);
+GPTJAX_EXPORT XLA_FFI_Error* GptjaxMatmulF32(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulF32, MatmulF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptjaxMatmulBf16, MatmulBf16,
                               ffi::Ffi::Bind()
