@@ -47,7 +47,7 @@ import gptjax  # noqa: E402
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
 from gptjax import cpu_kernels  # noqa: E402
 from gptjax.quantize import WEIGHTS_DTYPES, quantize_params, weights_nbytes  # noqa: E402
-from gptjax.sampling import _bucket, _prefill, generate  # noqa: E402
+from gptjax.sampling import _bucket, generate  # noqa: E402
 
 METHODS = ("kv-cache", "kv-cache-pyloop", "full-recompute", "torch", "hf", "llama.cpp")
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -63,12 +63,17 @@ def _cached_step(params, cfg, token, cache, pos):
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _cached_prefill(params, cfg, padded, cache):
+    return gptjax.apply_with_cache(params, cfg, padded, cache, 0)
+
+
 def kv_cache_pyloop(params, cfg, prompt, new_tokens):
     prompt_len = prompt.shape[1]
     padded = np.zeros((prompt.shape[0], _bucket(prompt_len, cap=cfg.context_length)), np.int32)
     padded[:, :prompt_len] = prompt
-    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len), slots=cfg.context_length)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits, cache = _cached_prefill(params, cfg, padded, gptjax.init_cache(cfg, prompt.shape[0]))
+    token = jnp.argmax(logits[:, prompt_len - 1], axis=-1).astype(jnp.int32)
     out = [token]
     for pos in range(prompt_len, prompt_len + new_tokens - 1):
         token, cache = _cached_step(params, cfg, token, cache, np.int32(pos))

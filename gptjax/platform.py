@@ -22,6 +22,8 @@ Linear, more rows      XLA's dot (bf16 /      the same                  the same
                        int8 widened first)
 KV cache, 1 new token  compiled kernel,       XLA (update, attend)      XLA (update, attend)
                        updated in place
+KV cache length        the whole context      grown in buckets          grown in buckets
+                       (one decode program)   (64, 128, ...)            (64, 128, ...)
 =====================  =====================  ========================  ==================================
 
 Why (benchmarks/NOTES.md has the measurements):
@@ -55,6 +57,12 @@ Why (benchmarks/NOTES.md has the measurements):
   bucket. The compiled attention of :mod:`gptjax.cpu_kernels` writes the new slot in place and reads only
   the filled ones. GPU and TPU programs keep XLA's update and attention (on those, decoding is not
   measured here).
+- KV cache length (:mod:`gptjax.sampling`): XLA's attention reads every slot of the cache it is given,
+  so elsewhere the decode loop's cache grows in buckets, one compiled program each, and a step reads at
+  most twice the filled length. The compiled attention reads only the filled slots whatever the cache's
+  length, so on CPU one cache of the whole context costs no step anything, and one program serves every
+  continuation: a longer one compiles (or loads from the persistent cache) nothing a short one did not.
+  This is chosen for the device the weights are on, where the decode programs are compiled.
 - Blocked attention (:mod:`gptjax.attention`): XLA:CPU's attention computes the masked upper half of
   the scores, and its gradient copies the [heads, seq, seq] score gradient transposed. Query blocks that
   skip the masked blocks, and a backward pass whose matmuls read every operand as it lies, took
@@ -209,6 +217,14 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, 
     return _cpu_or_accelerator(q, k, v, cache, pos, cpu=compiled_cached_attention, accelerator=xla)
 
 
+def decode_cache_grows(params: Any) -> bool:
+    """Whether decoding from ``params`` grows its KV cache in buckets (True) or keeps one cache of the whole
+    context (False: CPU weights with the compiled attention, which reads only the filled slots)."""
+    leaf = jax.tree_util.tree_leaves(params)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else {jax.devices()[0]}
+    return not (all(d.platform == "cpu" for d in devices) and cpu_kernels.unavailable() is None)
+
+
 # --- q, k, v projections ---------------------------------------------------------------------------
 
 
@@ -340,4 +356,4 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 __all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "self_attention",
            "backward_barrier", "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul",
-           "cudnn_attention_unavailable", "cached_attention", "VOCAB_MULTIPLE"]
+           "cudnn_attention_unavailable", "cached_attention", "decode_cache_grows", "VOCAB_MULTIPLE"]

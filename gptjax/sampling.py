@@ -8,14 +8,17 @@ Decoding strategy:
 * :func:`generate` prefills the prompt once, then decodes inside jitted ``jax.lax.while_loop``
   calls: one token per iteration, no host round trip per token, an early exit once every row has
   emitted ``eos_id``. Attention reads every slot of the KV cache, so the cache grows in power-of-two
-  buckets (64, 128, ... up to ``context_length``), one loop per bucket: a step reads and writes at
-  most twice the filled length, not ``context_length`` slots (GPT-2's 1024).
+  buckets (64, 128, ... up to ``context_length``), one compiled loop per bucket: a step reads and
+  writes at most twice the filled length, not ``context_length`` slots (GPT-2's 1024). A bucket's
+  program depends on the batch and the bucket only, so short and long continuations share them; the
+  next bucket's compiles on a background thread while the current one decodes (from jax's persistent
+  compilation cache, which the command-line tools turn on, it loads instead).
 * ``weights_dtype`` "bfloat16" or "int8" stores the matmul kernels smaller (:mod:`gptjax.quantize`);
   each decode step reads them as stored (on CPU through :mod:`gptjax.cpu_kernels`).
 * Prompts are right-padded to a power-of-two bucket: the causal mask means padding never
   influences the real positions, and the first decode step overwrites the padded cache slots
-  before anything reads them. The output buffer is bucketed the same way, so a handful of
-  compiles serve every prompt length and ``max_new_tokens``.
+  before anything reads them, so a handful of compiles serve every prompt length and
+  ``max_new_tokens``.
 * GPT-2's positions are learned and absolute: once the sequence outgrows ``context_length`` the
   window slides (the model sees the last ``context_length`` tokens, as in the book) and every
   cached key/value is at the wrong position. From then on each token costs one full-window
@@ -25,14 +28,16 @@ Decoding strategy:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import cpu_kernels
+from gptjax import cpu_kernels, platform
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
 from gptjax.quantize import check_weights_dtype, quantize_params
@@ -131,9 +136,12 @@ def _bucket(n: int, cap: int | None = None) -> int:
     return size if cap is None else min(size, cap)
 
 
-def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int) -> list[int]:
+def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int, *, grow: bool = True) -> list[int]:
     """The cache lengths the decode loop runs at, shortest first: powers of two from the padded prompt
-    (at least _MIN_KV_BUCKET) up to the last position the cache can hold, at most ``context``."""
+    (at least _MIN_KV_BUCKET) up to the last position the cache can hold, at most ``context``; without
+    ``grow`` (:func:`gptjax.platform.decode_cache_grows`), the context alone."""
+    if not grow:
+        return [context]
     last = min(buffer_len, context)
     buckets = [min(max(prompt_bucket, _MIN_KV_BUCKET), context)]
     while buckets[-1] < last:
@@ -141,13 +149,55 @@ def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int) -> list[int]:
     return buckets
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
-def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array, *, slots: int):
-    """Run the padded prompt through the model once: last real position's logits and a cache of
-    ``slots`` positions."""
-    cache = init_cache(cfg, padded_prompt.shape[0], slots=slots)
+class _Sampler(NamedTuple):
+    """How each new token is chosen: arrays (one compiled program serves every value) and static flags."""
+
+    eos_id: jax.Array  # int32; < 0: no eos
+    key: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+
+
+class _State(NamedTuple):
+    """The decode loop's carry, handed from one cache bucket's program to the next."""
+
+    tokens: jax.Array  # [batch, slots + 1] int32: the sequence so far (prompt, then new tokens)
+    cache: list  # the KV cache at `slots` slots
+    done: jax.Array  # [batch] bool: the row has emitted eos
+    length: jax.Array  # int32: tokens written; tokens[:, length - 1] is the last, not yet fed to the model
+
+
+def _emit(state: _State, logits: jax.Array, sampler: _Sampler, *, greedy: bool, top_k: int | None,
+          use_top_p: bool) -> _State:
+    """Choose the token at position `length` from the logits that predict it and write it; rows already
+    stopped repeat eos."""
+    tokens, cache, done, length = state
+    if greedy:
+        picked = sample_next(logits, None)
+    else:
+        picked = sample_next(logits, jax.random.fold_in(sampler.key, length), sampler.temperature, top_k,
+                             sampler.top_p if use_top_p else None)
+    next_id = jnp.where(done, sampler.eos_id, picked)
+    tokens = jax.lax.dynamic_update_slice(tokens, next_id[:, None], (0, length))
+    return _State(tokens, cache, done | (next_id == sampler.eos_id), length + 1)
+
+
+def _running(state: _State, end: jax.Array) -> jax.Array:
+    return (state.length < end) & ~jnp.all(state.done)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "greedy", "top_k", "use_top_p"))
+def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array, sampler: _Sampler,
+             *, slots: int, greedy: bool, top_k: int | None, use_top_p: bool) -> _State:
+    """Run the padded prompt through the model once into a cache of ``slots`` positions, and choose the
+    first new token."""
+    batch, width = padded_prompt.shape
+    cache = init_cache(cfg, batch, slots=slots)
     logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0)
-    return jnp.take(logits, prompt_len - 1, axis=1), cache
+    tokens = jnp.zeros((batch, slots + 1), jnp.int32).at[:, :width].set(padded_prompt)
+    state = _State(tokens, cache, jnp.zeros((batch,), bool), prompt_len)
+    return _emit(state, jnp.take(logits, prompt_len - 1, axis=1), sampler, greedy=greedy, top_k=top_k,
+                 use_top_p=use_top_p)
 
 
 def _weights_for_step(params: Params, step: jax.Array) -> Params:
@@ -163,86 +213,111 @@ def _weights_for_step(params: Params, step: jax.Array) -> Params:
     return stored
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "top_k", "use_top_p"))
-def _decode(
-    params: Params,
-    cfg: GPTConfig,
-    tokens: jax.Array,
-    cache: list,
-    logits: jax.Array,
-    prompt_len: jax.Array,
-    max_new_tokens: jax.Array,
-    eos_id: jax.Array,
-    key: jax.Array,
-    temperature: jax.Array,
-    top_p: jax.Array,
-    *,
-    greedy: bool,
-    top_k: int | None,
-    use_top_p: bool,
-):
-    """Decode into ``tokens`` [batch, bucket] (prompt in the first prompt_len slots).
+def _pad_to(array: jax.Array, axis: int, size: int) -> jax.Array:
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, size - array.shape[axis])
+    return jnp.pad(array, pad)
 
-    Returns the buffer and the number of new tokens written. ``logits`` predict the token at
-    prompt_len; ``eos_id`` < 0 means no eos.
-    """
+
+def _decode_bucket(params: Params, cfg: GPTConfig, state: _State, end: jax.Array, sampler: _Sampler, *, slots: int,
+                   greedy: bool, top_k: int | None, use_top_p: bool) -> _State:
+    """Decode with a cache of ``slots`` positions (the state's cache grown to it first) while the sequence
+    is shorter than ``end`` and fits the cache: one token per iteration, each feeding the last token at
+    its own position. Attention reads the whole cache it is given, so the cache grows in buckets, one
+    program each: a step reads at most twice the filled length instead of all context_length slots."""
+    tokens, cache, done, length = state
+    state = _State(_pad_to(tokens, 1, slots + 1), [{name: _pad_to(slab, 2, slots) for name, slab in layer.items()}
+                                                   for layer in cache], done, length)
+
+    def body(state):
+        last = jax.lax.dynamic_slice(state.tokens, (0, state.length - 1), (state.tokens.shape[0], 1))
+        logits, cache = apply_with_cache(_weights_for_step(params, state.length), cfg, last, state.cache,
+                                         state.length - 1)
+        return _emit(state._replace(cache=cache), logits[:, -1], sampler, greedy=greedy, top_k=top_k,
+                     use_top_p=use_top_p)
+
+    return jax.lax.while_loop(lambda state: _running(state, end) & (state.length <= slots), body, state)
+
+
+_BUCKET_STATIC = ("cfg", "slots", "greedy", "top_k", "use_top_p")
+# A bucket's program, from a state of its own size (donated: the loop then updates that cache in place) or
+# from the previous bucket's (grown into new buffers).
+_decode_bucket_in_place = jax.jit(_decode_bucket, static_argnames=_BUCKET_STATIC, donate_argnums=(2,))
+_decode_bucket_grown = jax.jit(_decode_bucket, static_argnames=_BUCKET_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "width", "greedy", "top_k", "use_top_p"))
+def _decode_sliding(params: Params, cfg: GPTConfig, tokens: jax.Array, done: jax.Array, length: jax.Array,
+                    end: jax.Array, sampler: _Sampler, *, width: int, greedy: bool, top_k: int | None,
+                    use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+    """Past the context the window slides and every position shifts each step: recompute the whole window
+    for each token, into a buffer of ``width`` tokens. Returns the buffer and the length written."""
     context = cfg.context_length
-    batch = tokens.shape[0]
+    state = _State(_pad_to(tokens, 1, width), [], done, length)
 
-    def pick(logits, step):
-        if greedy:
-            return sample_next(logits, None)
-        return sample_next(
-            logits, jax.random.fold_in(key, step), temperature, top_k, top_p if use_top_p else None
-        )
+    def body(state):
+        window = jax.lax.dynamic_slice(state.tokens, (0, state.length - context), (state.tokens.shape[0], context))
+        logits = apply(_weights_for_step(params, state.length), cfg, window)[:, -1]
+        return _emit(state, logits, sampler, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
-    def emit(state, logits):
-        """Choose the token at position `length`, write it; rows already stopped repeat eos."""
-        tokens, done, length = state
-        next_id = jnp.where(done, eos_id, pick(logits, length))
-        tokens = jax.lax.dynamic_update_slice(tokens, next_id[:, None], (0, length))
-        return tokens, done | (next_id == eos_id), length + 1
+    state = jax.lax.while_loop(lambda state: _running(state, end), body, state)
+    return state.tokens, state.length
 
-    def running(done, length):
-        return (length < prompt_len + max_new_tokens) & ~jnp.all(done)
 
-    # Phase 1: while the whole sequence fits the context, feed the last token at its own position.
-    # Attention reads the whole cache it is given, so the cache grows in buckets: one loop per cache
-    # length, each running while the position written (length - 1) fits. A step then reads at most
-    # twice the filled length instead of all context_length slots (at context 1024, short
-    # continuations no longer read and copy a mostly empty 1024-slot cache every token).
-    def cached_cond(carry, slots):
-        (_, done, length), _ = carry
-        return running(done, length) & (length <= slots)
+def _state_shapes(cfg: GPTConfig, batch: int, slots: int) -> _State:
+    """The abstract state a bucket of ``slots`` hands on (what the next bucket's program is compiled for)."""
+    slab = jax.ShapeDtypeStruct((batch, cfg.n_heads, slots, cfg.head_dim), jnp.float32)
+    return _State(jax.ShapeDtypeStruct((batch, slots + 1), jnp.int32), [{"k": slab, "v": slab}] * cfg.n_layers,
+                  jax.ShapeDtypeStruct((batch,), bool), jax.ShapeDtypeStruct((), jnp.int32))
 
-    def cached_body(carry):
-        (tokens, done, length), cache = carry
-        last = jax.lax.dynamic_slice(tokens, (0, length - 1), (batch, 1))
-        logits, cache = apply_with_cache(_weights_for_step(params, length), cfg, last, cache, length - 1)
-        return emit((tokens, done, length), logits[:, -1]), cache
 
-    def grow(cache, slots):
-        pad = ((0, 0), (0, 0), (0, slots - cache[0]["k"].shape[2]), (0, 0))
-        return [{name: jnp.pad(slab, pad) for name, slab in layer.items()} for layer in cache]
+# Compiled decode programs by what they were compiled for (like jit's own cache, which a program compiled
+# ahead through .lower().compile() does not fill).
+_COMPILED: dict[tuple, jax.stages.Compiled] = {}
 
-    # Phase 2: the window slides; positions shift every step, so recompute the whole window.
-    def sliding_cond(state):
-        _, done, length = state
-        return running(done, length)
 
-    def sliding_body(state):
-        tokens, _, length = state
-        window = jax.lax.dynamic_slice(tokens, (0, length - context), (batch, context))
-        return emit(state, apply(_weights_for_step(params, length), cfg, window)[:, -1])
+class _Programs:
+    """The compiled decode programs a call runs through, compiled ahead on one background thread in the
+    order they are needed, so that the bucket a sequence grows into next compiles (or, from jax's
+    persistent compilation cache, loads) while the current one decodes, not after it.
 
-    state = emit((tokens, jnp.zeros((batch,), bool), prompt_len), logits)
-    for slots in _kv_buckets(cache[0]["k"].shape[2], tokens.shape[1], context):
-        cache = grow(cache, slots)
-        state, cache = jax.lax.while_loop(functools.partial(cached_cond, slots=slots), cached_body, (state, cache))
-    if tokens.shape[1] > context:  # static: only buffers longer than the context can slide
-        state = jax.lax.while_loop(sliding_cond, sliding_body, state)
-    tokens, _, length = state
-    return tokens, length - prompt_len
+    The main thread traces nothing while the background thread does: it only runs compiled programs.
+    """
+
+    def __init__(self, params: Params, cfg: GPTConfig, sampler: _Sampler, end: np.int32, static: dict):
+        self._params, self._cfg, self._end, self._sampler, self._static = params, cfg, end, sampler, static
+        weights = tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None))
+                        for leaf in jax.tree_util.tree_leaves(params))
+        self._key = (cfg, jax.tree_util.tree_structure(params), weights, jax.random.key_impl(sampler.key),
+                     tuple(sorted(static.items())))
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptjax-compile")
+
+    def bucket(self, batch: int, previous: int, slots: int) -> concurrent.futures.Future:
+        def lower():
+            program = _decode_bucket_in_place if previous == slots else _decode_bucket_grown
+            return program.lower(self._params, self._cfg, _state_shapes(self._cfg, batch, previous), self._end,
+                                 self._sampler, slots=slots, **self._static)
+        return self._submit(("bucket", batch, previous, slots), lower)
+
+    def sliding(self, batch: int, width: int) -> concurrent.futures.Future:
+        def lower():
+            state = _state_shapes(self._cfg, batch, self._cfg.context_length)
+            return _decode_sliding.lower(self._params, self._cfg, state.tokens, state.done, state.length, self._end,
+                                         self._sampler, width=width, **self._static)
+        return self._submit(("sliding", batch, width), lower)
+
+    def _submit(self, what: tuple, lower) -> concurrent.futures.Future:
+        key = (*what, *self._key)
+
+        def compile():
+            if key not in _COMPILED:
+                _COMPILED[key] = lower().compile()
+            return _COMPILED[key]
+        return self._pool.submit(compile)
+
+    def close(self) -> None:
+        """Drop the compiles not started (a row's eos ended the call early); one under way finishes."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def generate(
@@ -308,23 +383,29 @@ def generate(
     buffer[:, :prompt_len] = prompt
     padded = buffer[:, : _bucket(prompt_len, cap=context)]
 
-    slots = _kv_buckets(padded.shape[1], buffer.shape[1], context)[0]
-    logits, cache = _prefill(params, cfg, padded, np.int32(prompt_len), slots=slots)
-    tokens, n_new = _decode(
-        params,
-        cfg,
-        buffer,
-        cache,
-        logits,
-        np.int32(prompt_len),
-        np.int32(max_new_tokens),
-        np.int32(-1 if eos_id is None else eos_id),
-        key,
-        np.float32(temperature),
-        np.float32(1.0 if top_p is None else top_p),
-        greedy=greedy,
-        top_k=None if greedy else top_k,
-        use_top_p=not greedy and top_p is not None,
-    )
+    greedy_static = dict(greedy=greedy, top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None)
+    sampler = _Sampler(np.int32(-1 if eos_id is None else eos_id), key, np.float32(temperature),
+                       np.float32(1.0 if top_p is None else top_p))
+    end = np.int32(prompt_len + max_new_tokens)
+    batch = ids.shape[0]
+    buckets = _kv_buckets(padded.shape[1], buffer.shape[1], context, grow=platform.decode_cache_grows(params))
+    state = _prefill(params, cfg, padded, np.int32(prompt_len), sampler, slots=buckets[0], **greedy_static)
+    programs = _Programs(params, cfg, sampler, end, greedy_static)
+    try:
+        ahead = [programs.bucket(batch, previous, slots) for previous, slots in zip(buckets[:1] + buckets, buckets)]
+        slides = prompt_len + max_new_tokens > context + 1  # the last bucket's buffer holds context + 1 tokens
+        if slides:
+            ahead.append(programs.sliding(batch, buffer.shape[1]))
+        for program in ahead[: len(buckets)]:
+            state = program.result()(params, state, end, sampler)
+            length, done = int(state.length), bool(np.all(state.done))
+            if length >= end or done:
+                break
+        if slides and length < end and not done:
+            tokens, length = ahead[-1].result()(params, state.tokens, state.done, state.length, end, sampler)
+            state = state._replace(tokens=tokens, length=length)
+    finally:
+        programs.close()
+    tokens, n_new = state.tokens, int(state.length) - prompt_len
     new = np.asarray(tokens)[:, : prompt_len + int(n_new)]
     return np.concatenate([head.astype(np.int32), new], axis=1)

@@ -1,5 +1,6 @@
-"""The decode loop's KV cache grows in buckets: the same tokens as the book's loop across every bucket
-boundary and into the sliding window, and a short continuation never touches a full-context cache."""
+"""The decode loop's KV cache: grown in buckets (GPU, TPU, CPU without the compiled attention), the same
+tokens as the book's loop across every bucket boundary and into the sliding window, and a short
+continuation never touches a full-context cache; on CPU one whole-context cache and one program."""
 
 import re
 
@@ -11,7 +12,8 @@ import torch
 
 import gptjax
 from gptjax import GPTConfig
-from gptjax.sampling import _decode, _kv_buckets, _prefill, generate
+from gptjax import cpu_kernels, platform, sampling
+from gptjax.sampling import _kv_buckets, generate
 from tests.torch_reference import GPTModel as TorchGPTModel
 from tests.torch_reference import generate_text_simple, randomize_
 
@@ -33,10 +35,13 @@ def test_kv_buckets():
     assert _kv_buckets(128, 256, 1024) == [128, 256]  # the padded prompt's length is the first bucket
     assert _kv_buckets(16, 64, 32) == [32]  # contexts below the smallest bucket
     assert _kv_buckets(16, 1024, 200) == [64, 128, 200]  # a context that is not a power of two ends the list
+    assert _kv_buckets(16, 512, 1024, grow=False) == [1024]
 
 
+@pytest.mark.parametrize("grow", [True, False], ids=["grown", "whole-context"])
 @pytest.mark.parametrize("prompt_len,new", [(70, 20), (3, 150)], ids=["prompt-past-64", "every-bucket"])
-def test_greedy_across_cache_buckets_matches_torch(model, prompt_len, new):
+def test_greedy_across_cache_buckets_matches_torch(model, prompt_len, new, grow, monkeypatch):
+    monkeypatch.setattr(platform, "decode_cache_grows", lambda params: grow)
     ref, params = model
     ids = np.random.default_rng(prompt_len).integers(0, CFG.vocab_size, (2, prompt_len), dtype=np.int32)
     got = generate(params, CFG, ids, new)
@@ -44,23 +49,57 @@ def test_greedy_across_cache_buckets_matches_torch(model, prompt_len, new):
     np.testing.assert_array_equal(got, want)
 
 
-def test_short_continuation_at_long_context_reads_a_short_cache():
-    """At context 1024 a 20-token continuation compiles to loops over a 64-slot cache: no array with
-    1024 slots appears in the decode program, so a step's cache traffic follows the filled length."""
-    cfg = CFG.replace(context_length=1024)
-    params = gptjax.abstract_params(cfg)
-    prompt_bucket, buffer = 16, 32  # what generate pads a 4-token prompt + 20 new tokens to
-    slots = _kv_buckets(prompt_bucket, buffer, cfg.context_length)[0]
-    _, cache = jax.eval_shape(lambda p, t: _prefill(p, cfg, t, jnp.int32(4), slots=slots),
-                              params, jax.ShapeDtypeStruct((1, prompt_bucket), jnp.int32))
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    hlo = _decode.lower(params, cfg, jax.ShapeDtypeStruct((1, buffer), jnp.int32), cache,
-                        jax.ShapeDtypeStruct((1, cfg.vocab_size), jnp.float32), scalar, scalar, scalar,
-                        jax.random.key(0), jax.ShapeDtypeStruct((), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32),
-                        greedy=True, top_k=None, use_top_p=False).as_text()
-    head_dim = cfg.head_dim
-    cache_shapes = set(re.findall(rf"tensor<1x{cfg.n_heads}x(\d+)x{head_dim}xf32>", hlo))
-    assert max(map(int, cache_shapes)) == 64, cache_shapes  # (the other one: the new token's keys)
+@pytest.fixture
+def grown(monkeypatch):
+    """Decoding as on a GPU or TPU: the cache grown in buckets (gptjax.platform.decode_cache_grows)."""
+    monkeypatch.setattr(platform, "decode_cache_grows", lambda params: True)
+
+
+def new_programs(fn):
+    before = set(sampling._COMPILED)
+    fn()
+    return sorted(key[:4] for key in set(sampling._COMPILED) - before)
+
+
+def test_short_continuation_at_long_context_reads_a_short_cache(grown):
+    """Grown in buckets, at context 1024 a 20-token continuation runs one program, a loop over a 64-slot
+    cache: no array with 1024 slots appears in it, so a step's cache traffic follows the filled length."""
+    cfg = CFG.replace(context_length=1024, n_layers=1)
+    params = gptjax.init_params(cfg, seed=0)
+    programs = new_programs(lambda: generate(params, cfg, np.array([[1, 2, 3, 4]]), 20))
+    assert programs == [("bucket", 1, 64, 64)], programs
+    (key,) = [key for key in sampling._COMPILED if key[:4] == programs[0] and key[4] == cfg]
+    cache_shapes = set(re.findall(rf"f32\[1,{cfg.n_heads},(\d+),{cfg.head_dim}\]", sampling._COMPILED[key].as_text()))
+    assert max(map(int, cache_shapes)) == 64, cache_shapes
+
+
+def test_grown_buckets_are_shared_by_short_and_long_continuations(grown, model):
+    """A bucket's program depends on the batch and the bucket, not on how long the continuation is: a
+    150-token continuation adds the programs of the buckets past the first, and reuses that one."""
+    _, params = model
+    generate(params, CFG, np.array([[1, 2, 3]]), 5)
+    assert new_programs(lambda: generate(params, CFG, np.array([[1, 2, 3]]), 150)) == [("bucket", 1, 64, 128),
+                                                                                       ("bucket", 1, 128, 256)]
+
+
+def test_cpu_decodes_with_one_program_whatever_the_length(model):
+    """On CPU the compiled attention reads only the filled slots, so the cache is the whole context from the
+    start and a long continuation compiles nothing a short one did not (with the same tokens)."""
+    ref, params = model
+    assert not platform.decode_cache_grows(params)
+    programs = new_programs(lambda: generate(params, CFG, np.array([[4, 5, 6]]), 5))
+    assert all(key[2:4] == (CFG.context_length, CFG.context_length) for key in programs), programs
+    ids = np.array([[4, 5, 6]])
+    assert new_programs(lambda: generate(params, CFG, ids, 150)) == []
+    want = generate_text_simple(ref, torch.as_tensor(ids, dtype=torch.long), 150, CFG.context_length).numpy()
+    np.testing.assert_array_equal(generate(params, CFG, ids, 150), want)
+
+
+def test_without_the_compiled_attention_the_cache_grows(monkeypatch):
+    params = gptjax.init_params(CFG.replace(n_layers=1), seed=0)
+    assert not platform.decode_cache_grows(params)
+    monkeypatch.setattr(cpu_kernels, "unavailable", lambda: "not built")
+    assert platform.decode_cache_grows(params)
 
 
 def test_cache_of_fewer_slots_gives_the_same_logits(model):

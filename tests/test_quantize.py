@@ -18,7 +18,8 @@ from gptjax.quantize import (
     quantize_params,
     weights_nbytes,
 )
-from gptjax.sampling import _decode, generate
+from gptjax import sampling
+from gptjax.sampling import generate
 from gptjax.tokenizer import load_default_corpus
 from gptjax.training import TrainConfig, calc_loss_loader, make_optimizer, make_train_step
 from tests.torch_reference import GPTModel as TorchGPTModel
@@ -75,12 +76,11 @@ def test_unknown_weights_dtype_is_refused():
 
 
 def compiled_decode(cfg, params, batch):
-    cache = [{name: jax.ShapeDtypeStruct((batch, cfg.n_heads, 64, cfg.head_dim), jnp.float32) for name in ("k", "v")}
-             for _ in range(cfg.n_layers)]
+    """The compiled program of the first 64-slot bucket of a decode (gptjax.sampling)."""
     i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    return _decode.lower(params, cfg, jax.ShapeDtypeStruct((batch, 64), jnp.int32), cache,
-                         jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32), i32, i32, i32, jax.random.key(0),
-                         f32, f32, greedy=True, top_k=None, use_top_p=False).compile().as_text()
+    sampler = sampling._Sampler(i32, jax.random.key(0), f32, f32)
+    return sampling._decode_bucket_in_place.lower(params, cfg, sampling._state_shapes(cfg, batch, 64), i32, sampler, slots=64,
+                                         greedy=True, top_k=None, use_top_p=False).compile().as_text()
 
 
 def test_decode_steps_read_the_stored_weights():

@@ -7,9 +7,8 @@ import torch
 from scipy.stats import chisquare
 
 import gptjax
-from gptjax import GPTConfig
+from gptjax import GPTConfig, sampling
 from gptjax.sampling import (
-    _decode,
     _prefill,
     apply_temperature,
     generate,
@@ -58,10 +57,10 @@ def test_greedy_matches_torch_generate_text_simple(model, batch, prompt_len, new
 def test_prompt_lengths_share_compiles(model):
     _, params = model
     generate(params, CFG, prompt(2, 3), 4)  # compile the bucket once
-    before = _prefill._cache_size(), _decode._cache_size()
+    before = _prefill._cache_size(), len(sampling._COMPILED)
     for length in (5, 7, 11):
         assert generate(params, CFG, prompt(2, length), 4).shape == (2, length + 4)
-    assert (_prefill._cache_size(), _decode._cache_size()) == before
+    assert (_prefill._cache_size(), len(sampling._COMPILED)) == before
 
 
 def test_zero_new_tokens_returns_the_prompt(model):
