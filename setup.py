@@ -25,7 +25,7 @@ setup(
         Extension(
             "gptjax._cpu_kernels",
             sources=["gptjax/csrc/weights_matmul.cc", "gptjax/csrc/cached_attention.cc"],
-            depends=["gptjax/csrc/tasks.h"],
+            depends=["gptjax/csrc/tasks.h", "gptjax/csrc/weights_matmul_simd.inc"],
             include_dirs=[xla_ffi_include()],
             language="c++",
             # No contraction into fused multiply-adds the source did not write: each kernel's loop variants

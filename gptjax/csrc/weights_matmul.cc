@@ -47,115 +47,48 @@ void block_portable(const float* x, const W* w, float* y, int64_t m, int64_t k, 
 #include <immintrin.h>
 #define GPTJAX_SIMD 1
 
-// Sixteen stored weights widened to float32 in one register.
-__attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const uint16_t* w) {
-  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+// The AVX-512 and the AVX2 loops: one body (weights_matmul_simd.inc) compiled for each instruction set, with
+// the few operations it needs on a register of float32 lanes. load() widens stored weights (bfloat16: the
+// top half of a float32; int8: converted) or loads float32.
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+namespace avx512 {
+using Vec = __m512;
+constexpr int64_t kLanes = 16;
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load(const uint16_t* p) {
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
 }
-__attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const float* w) { return _mm512_loadu_ps(w); }
-__attribute__((target("avx512f"), always_inline)) inline __m512 widen16(const int8_t* w) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+inline Vec load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#include "weights_matmul_simd.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 
-// The same share with AVX-512: eight weight rows of 16 columns are widened into registers once and used
-// by every batch row, so y's part is loaded and stored once per eight rows (faster than four, measured);
-// each output still sums its rows in order. Columns past the last multiple of 16 and a last group of
-// fewer than eight rows take scalar fused multiply-adds, so every output rounds as the vector ones do.
-template <typename W>
-__attribute__((target("avx512f,fma"))) void block_avx512(const float* x, const W* w, float* y, int64_t m, int64_t k,
-                                                     int64_t n, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  const int64_t j16 = j0 + (j1 - j0) / 16 * 16;
-  for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
-  int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) {
-    const W* w0 = w + i * n;
-    for (int64_t j = j0; j < j16; j += 16) {
-      const __m512 a = widen16(w0 + j), b = widen16(w0 + n + j), c = widen16(w0 + 2 * n + j),
-                   d = widen16(w0 + 3 * n + j), e = widen16(w0 + 4 * n + j), f = widen16(w0 + 5 * n + j),
-                   g = widen16(w0 + 6 * n + j), h = widen16(w0 + 7 * n + j);
-      for (int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * k + i;
-        float* out = y + r * n + j;
-        __m512 s = _mm512_loadu_ps(out);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[0]), a, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[1]), b, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[2]), c, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[3]), d, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[4]), e, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[5]), f, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[6]), g, s);
-        s = _mm512_fmadd_ps(_mm512_set1_ps(xr[7]), h, s);
-        _mm512_storeu_ps(out, s);
-      }
-    }
-    for (int64_t q = 0; q < 8; ++q) {
-      for (int64_t r = 0; r < m; ++r) {
-        const float xi = x[r * k + i + q];
-        for (int64_t j = j16; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[(i + q) * n + j]), y[r * n + j]);
-      }
-    }
-  }
-  for (; i < i1; ++i) {
-    for (int64_t r = 0; r < m; ++r) {
-      const float xi = x[r * k + i];
-      for (int64_t j = j0; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[i * n + j]), y[r * n + j]);
-    }
-  }
-}
-
-// Eight stored weights widened to float32 in one register.
-__attribute__((target("avx2"), always_inline)) inline __m256 widen8(const uint16_t* w) {
-  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+using Vec = __m256;
+constexpr int64_t kLanes = 8;
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec load(const uint16_t* p) {
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
 }
-__attribute__((target("avx2"), always_inline)) inline __m256 widen8(const float* w) { return _mm256_loadu_ps(w); }
-__attribute__((target("avx2"), always_inline)) inline __m256 widen8(const int8_t* w) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+inline Vec load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
-
-// block_avx512 for CPUs with AVX2 and FMA only (8 columns a register); each output sums its rows in the
-// same order with the same fused multiply-adds, so the two agree bit for bit.
-template <typename W>
-__attribute__((target("avx2,fma"))) void block_avx2(const float* x, const W* w, float* y, int64_t m, int64_t k,
-                                                    int64_t n, int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
-  const int64_t j8 = j0 + (j1 - j0) / 8 * 8;
-  for (int64_t r = 0; r < m; ++r) std::fill(y + r * n + j0, y + r * n + j1, 0.0f);
-  int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) {
-    const W* w0 = w + i * n;
-    for (int64_t j = j0; j < j8; j += 8) {
-      const __m256 a = widen8(w0 + j), b = widen8(w0 + n + j), c = widen8(w0 + 2 * n + j),
-                   d = widen8(w0 + 3 * n + j), e = widen8(w0 + 4 * n + j), f = widen8(w0 + 5 * n + j),
-                   g = widen8(w0 + 6 * n + j), h = widen8(w0 + 7 * n + j);
-      for (int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * k + i;
-        float* out = y + r * n + j;
-        __m256 s = _mm256_loadu_ps(out);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[0]), a, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[1]), b, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[2]), c, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[3]), d, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[4]), e, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[5]), f, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[6]), g, s);
-        s = _mm256_fmadd_ps(_mm256_set1_ps(xr[7]), h, s);
-        _mm256_storeu_ps(out, s);
-      }
-    }
-    for (int64_t q = 0; q < 8; ++q) {
-      for (int64_t r = 0; r < m; ++r) {
-        const float xi = x[r * k + i + q];
-        for (int64_t j = j8; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[(i + q) * n + j]), y[r * n + j]);
-      }
-    }
-  }
-  for (; i < i1; ++i) {
-    for (int64_t r = 0; r < m; ++r) {
-      const float xi = x[r * k + i];
-      for (int64_t j = j0; j < j1; ++j) y[r * n + j] = __builtin_fmaf(xi, widen(w[i * n + j]), y[r * n + j]);
-    }
-  }
-}
+inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#include "weights_matmul_simd.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
 
 // `isa` is a resolved gptjax::Isa (the tests run every loop the machine has).
@@ -163,8 +96,8 @@ template <typename W>
 void block(const float* x, const W* w, float* y, int64_t m, int64_t k, int64_t n, int64_t i0, int64_t i1,
            int64_t j0, int64_t j1, gptjax::Isa isa) {
 #ifdef GPTJAX_SIMD
-  if (isa == gptjax::kAvx512) return block_avx512(x, w, y, m, k, n, i0, i1, j0, j1);
-  if (isa == gptjax::kAvx2) return block_avx2(x, w, y, m, k, n, i0, i1, j0, j1);
+  if (isa == gptjax::kAvx512) return avx512::block(x, w, y, m, k, n, i0, i1, j0, j1);
+  if (isa == gptjax::kAvx2) return avx2::block(x, w, y, m, k, n, i0, i1, j0, j1);
 #endif
   block_portable(x, w, y, m, k, n, i0, i1, j0, j1);
 }
