@@ -107,28 +107,34 @@ def weights_matmul(x: jax.Array, values: jax.Array, scale: jax.Array | None = No
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                     pos: jax.Array, *, isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
+                     pos: jax.Array, cache_rows: jax.Array | None = None, *,
+                     isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """One new position's attention over a KV cache, and the cache with that position written.
 
     q, k, v: [rows, heads, head_dim] float32, the new query, key and value of each row; cache_k, cache_v:
-    [rows, heads, slots, head_dim] float32; pos: [rows] int32, each row's position. Writes row r's key and
-    value at slot pos[r] (clamped into the cache) and returns (the attention output [rows, heads,
-    head_dim] of each query over slots 0..pos[r], the new cache_k, the new cache_v): what
-    :func:`gptjax.model.causal_attention` computes for one query over the updated cache. The caches are
-    updated in place where XLA can give their buffers to the results (a donated or loop-carried cache).
-    Under ``jax.vmap`` every argument gets the mapped axis (the kernel treats it as more rows).
+    [cache_rows, heads, slots, head_dim] float32; pos: [rows] int32, each row's position; ``cache_rows``:
+    [rows] int32, the cache row each row reads and writes (default: row r uses cache row r, and then the
+    cache has ``rows`` rows). Writes row r's key and value at slot pos[r] (clamped into the cache) and
+    returns (the attention output [rows, heads, head_dim] of each query over slots 0..pos[r], the new
+    cache_k, the new cache_v): what :func:`gptjax.model.causal_attention` computes for one query over the
+    updated cache. A row at a negative position writes and reads nothing (its output is NaN): padding.
+    Rows at positions >= 0 must name distinct cache rows. The caches are updated in place where XLA can
+    give their buffers to the results (a donated or loop-carried cache).
     """
     _check_available()
-    rows, heads, slots, head_dim = cache_k.shape[-4:] if cache_k.ndim >= 4 else (None,) * 4
+    rows, heads, slots, head_dim = (q.shape[0], *cache_k.shape[1:]) if cache_k.ndim == 4 and q.ndim == 3 else (None,) * 4
+    if cache_rows is None:
+        cache_rows = jnp.arange(cache_k.shape[0] if cache_k.ndim == 4 else 0, dtype=jnp.int32)
     if (cache_k.ndim != 4 or cache_v.shape != cache_k.shape or q.shape != (rows, heads, head_dim)
-            or k.shape != q.shape or v.shape != q.shape or pos.shape != (rows,)):
-        raise ValueError("cached_attention needs q, k, v [rows, heads, head_dim], caches [rows, heads, slots, "
-                         f"head_dim] and pos [rows]; got q {q.shape}, k {k.shape}, v {v.shape}, caches "
-                         f"{cache_k.shape} {cache_v.shape}, pos {pos.shape}")
+            or k.shape != q.shape or v.shape != q.shape or pos.shape != (rows,) or cache_rows.shape != (rows,)):
+        raise ValueError("cached_attention needs q, k, v [rows, heads, head_dim], caches [cache_rows, heads, slots, "
+                         f"head_dim] and pos, cache_rows [rows]; got q {q.shape}, k {k.shape}, v {v.shape}, caches "
+                         f"{cache_k.shape} {cache_v.shape}, pos {pos.shape}, cache_rows {cache_rows.shape}")
     if not all(a.dtype == jnp.float32 for a in (q, k, v, cache_k, cache_v)):
         raise ValueError("cached_attention reads float32 queries, keys, values and caches")
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(cache_k.shape, jnp.float32),
            jax.ShapeDtypeStruct(cache_v.shape, jnp.float32))
+    # Under vmap, one call per mapped element: the cache rows index each element's own cache.
     call = jax.ffi.ffi_call(_TARGETS["attention"][0], out, input_output_aliases={3: 1, 4: 2},
-                            vmap_method="broadcast_all")
-    return call(q, k, v, cache_k, cache_v, pos.astype(jnp.int32), isa=_isa_code(isa))
+                            vmap_method="sequential")
+    return call(q, k, v, cache_k, cache_v, pos.astype(jnp.int32), cache_rows.astype(jnp.int32), isa=_isa_code(isa))

@@ -1,27 +1,42 @@
-"""A continuous-batching decode engine (JetStream's prefill / insert / generate) for :mod:`gptjax.serve`.
+"""A continuous-batching decode engine for :mod:`gptjax.serve`: many requests decoded together, each at its
+own position, joining and leaving between steps.
 
-A fixed set of ``max_batch`` decode slots shares one KV cache [slots, heads, context, head_dim] per layer.
-Between decode steps, a waiting request is prefilled alone (its prompt padded to a power-of-two bucket,
-as :func:`gptjax.sampling.generate` pads it), its first token sampled, and its cache rows and state
-inserted into a free slot; then one jitted step advances every slot by one token. Each slot keeps its
-own position, key, temperature, top-k and top-p as arrays on the device, so any mix of settings runs the
-same compiled step. The host receives one array per step (the new token of every slot; the log-probs
-too when a request asked for them) and decides stops: ``<|endoftext|>``, ``max_tokens``, stop strings,
-a cancelled request. A stopped slot is free for the next insert at once; a free slot keeps computing
-(the step's shape is fixed) and its output is ignored.
+The KV cache has one row per decode slot (``max_batch`` of them, each the whole context long). A step decodes
+the busy slots only: their rows are gathered into the smallest compiled batch (1, 2, 4, ... up to
+``max_batch``) that holds them, the rest of the batch being padding rows that read and write nothing, and
+each row reads and writes its own slot's cache row (:func:`gptjax.model.apply_with_cache`'s ``cache_rows``;
+on CPU the compiled attention updates the slot in place and reads only its filled positions). So a step
+costs what the busy slots cost, and an idle engine waits without computing.
 
-Greedy rows take the argmax of the same logits :func:`gptjax.generate` computes, so a greedy request
-returns generate's tokens whatever shares the batch (tested).
+Tokens are chosen on the device by :func:`gptjax.sampling.sample_rows`, the sampler ``generate`` uses, with
+each request's settings as arrays and its own key: a request with seed ``s`` draws the tokens row 0 of
+``generate(..., rng=s)`` draws, whatever shares its batch (up to float rounding, which differs between batch
+sizes), and a greedy one returns generate's tokens.
+
+The host round trip of each step is hidden behind the next one: step n+1 is dispatched before the host
+copies step n's tokens out and hands them on (JetStream's pipelining), so the device never waits for
+Python while the set of busy slots stays the same. When it changes (a request ends, or waits to join), the
+host drains the pipeline first; a request that ended is computed for one step more, and that token is
+dropped. Several steps in one dispatch (levanter's engine) would save the same round trips but deliver
+tokens in bursts and make joining requests wait for the whole dispatch.
+
+A new request is prefilled into a free slot in chunks of at most ``prefill_chunk`` tokens, one round of
+chunks between decode steps, so a long prompt delays the running streams by one chunk per step instead of
+its whole length. A prompt that fits one chunk is prefilled at the padded length ``generate`` uses.
+The engine thread only appends tokens and flags: detokenizing and stop strings are the caller's, on its own
+thread (``should_stop`` is read once per token).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import queue
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +45,18 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply_with_cache, init_cache
 from gptjax.quantize import quantize_params
-from gptjax.sampling import _bucket, top_p_filter
+from gptjax.sampling import _bucket, position_keys, row_keys, sample_rows
 from gptjax.tokenizer import ENDOFTEXT_ID
 
 MAX_LOGPROBS = 5  # OpenAI's completions API allows logprobs up to 5
+PREFILL_CHUNK = 256
 
 
 @dataclass
 class Request:
     """One sequence to generate. ``on_token(token_id, logprob_info)`` and ``on_finish(reason)`` are
-    called from the engine thread; ``finish_reason`` is "stop" (eos or a stop string found by the
-    caller, see ``should_stop``), "length", "cancelled" or "error"."""
+    called from the engine thread and must be quick; ``finish_reason`` is "stop" (end of text, or
+    ``should_stop()`` true after a token), "length", "cancelled" or "error: ..."."""
 
     prompt: list[int]
     max_tokens: int
@@ -57,25 +73,6 @@ class Request:
     generated: int = 0
 
 
-def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                top_p: jax.Array) -> jax.Array:
-    """One token per row of ``logits`` [rows, vocab], each row with its own settings: temperature 0 is
-    argmax; else top-k (0: off; ties with the k-th kept), temperature, top-p, and a draw from the row's key.
-    The filtering only runs when some row samples, so an all-greedy batch pays for the argmax alone."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sampled():
-        vocab = logits.shape[-1]
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-        kth = jnp.take_along_axis(jnp.flip(jnp.sort(logits, axis=-1), axis=-1), (k - 1)[:, None], axis=-1)
-        x = jnp.where(logits < kth, -jnp.inf, logits) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        x = top_p_filter(x, top_p[:, None])
-        drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
-
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
-
-
 def _logprob_info(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     """[rows, 1 + 2 * MAX_LOGPROBS] float32: the chosen token's log-prob, then the top log-probs and their ids."""
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -84,65 +81,68 @@ def _logprob_info(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.concatenate([chosen, top_lp, top_ids.astype(jnp.float32)], axis=-1)
 
 
+class Rows(NamedTuple):
+    """One decode batch, a row per busy slot (padding rows: position -1)."""
+
+    slot: jax.Array  # [rows] int32: the cache row
+    token: jax.Array  # [rows] int32: the token fed next
+    pos: jax.Array  # [rows] int32: its position
+    key: jax.Array  # [rows, 2] uint32: the request's key data
+    temperature: jax.Array  # [rows] float32
+    top_k: jax.Array  # [rows] int32
+    top_p: jax.Array  # [rows] float32
+
+
+def _sample(logits: jax.Array, key_data: jax.Array, position: jax.Array, temperature: jax.Array, top_k: jax.Array,
+            top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The tokens at ``position`` (one per row) and their log-prob blocks."""
+    keys = position_keys(jax.random.wrap_key_data(key_data), position)
+    token = sample_rows(logits, keys, temperature, top_k, top_p)
+    return token, _logprob_info(logits, token)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "logprobs"), donate_argnames=("cache",))
+def _decode_step(params: Params, cfg: GPTConfig, cache: list, rows: Rows, *, dtype: str, logprobs: bool):
+    """One token for every row: (the cache, the rows advanced, the tokens, their log-prob blocks or None)."""
+    logits, cache = apply_with_cache(params, cfg, rows.token[:, None], cache, rows.pos, cache_rows=rows.slot,
+                                     dtype=jnp.dtype(dtype))
+    token, info = _sample(logits[:, -1], rows.key, rows.pos + 1, rows.temperature, rows.top_k, rows.top_p)
+    pos = jnp.where(rows.pos >= 0, jnp.minimum(rows.pos + 1, cfg.context_length - 1), rows.pos)
+    return cache, rows._replace(token=token, pos=pos), token, (info if logprobs else None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("cache",))
+def _prefill_chunk(params: Params, cfg: GPTConfig, cache: list, chunk: jax.Array, start: jax.Array, slot: jax.Array,
+                   last: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
+                   dtype: str):
+    """A padded chunk [1, width] of a prompt at positions start.. into cache row ``slot``, and the token that
+    follows its position ``last`` (used after the prompt's last chunk) with its log-prob block."""
+    logits, cache = apply_with_cache(params, cfg, chunk, cache, start, cache_rows=slot[None], dtype=jnp.dtype(dtype))
+    final = jnp.take(logits, last, axis=1)
+    token, info = _sample(final, key[None], start + last + 1, temperature[None], top_k[None], top_p[None])
+    return cache, token[0], info[0]
+
+
 @dataclass
-class Slots:
-    """The device state of every decode slot."""
+class _Slot:
+    """A busy slot, as the host knows it: its request, how much of the prompt is in the cache, and (once
+    decoding) the last token and its position."""
 
-    cache: list
-    token: jax.Array  # [slots] int32: the token fed next
-    pos: jax.Array  # [slots] int32: its position
-    key: jax.Array  # [slots] keys
-    count: jax.Array  # [slots] int32: tokens generated so far (folded into the key)
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
+    request: Request
+    key: np.ndarray  # [2] uint32
+    prefilled: int = 0
+    token: int = 0
+    pos: int = 0
 
-
-jax.tree_util.register_dataclass(Slots, data_fields=list(Slots.__dataclass_fields__), meta_fields=[])
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def _prefill(params: Params, cfg: GPTConfig, padded: jax.Array, length: jax.Array, key: jax.Array,
-             temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *, dtype: str):
-    """The padded prompt [1, bucket] through the model: its cache, first token and that token's log-probs."""
-    cache = init_cache(cfg, 1, slots=padded.shape[1])
-    logits, cache = apply_with_cache(params, cfg, padded, cache, 0, dtype=jnp.dtype(dtype))
-    last = jnp.take(logits, length - 1, axis=1)
-    token = sample_rows(last, jax.random.fold_in(key, 0)[None], temperature[None], top_k[None], top_p[None])
-    return cache, token, _logprob_info(last, token)
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt)
 
 
-@functools.partial(jax.jit, donate_argnames=("slots",))
-def _insert(slots: Slots, prefill_cache: list, slot: jax.Array, token: jax.Array, length: jax.Array, key: jax.Array,
-            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> Slots:
-    """Write a prefilled request into decode slot ``slot`` (positions past its prompt are overwritten by
-    its own decode steps before anything reads them, and the causal mask hides the rest)."""
-    cache = [{name: jax.lax.dynamic_update_slice(layer[name], new[name], (slot, 0, 0, 0)) for name in layer}
-             for layer, new in zip(slots.cache, prefill_cache)]
-
-    def put(array, value):
-        return array.at[slot].set(value)
-
-    return Slots(cache, put(slots.token, token[0]), put(slots.pos, length), put(slots.key, key), put(slots.count, 1),
-                 put(slots.temperature, temperature), put(slots.top_k, top_k), put(slots.top_p, top_p))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "logprobs"), donate_argnames=("slots",))
-def _step(params: Params, cfg: GPTConfig, slots: Slots, *, dtype: str, logprobs: bool):
-    """One token for every slot, each at its own position: the model runs per row (vmapped), so rows
-    never see one another."""
-    def row(token, cache, pos):
-        cache = [{name: slab[None] for name, slab in layer.items()} for layer in cache]
-        logits, cache = apply_with_cache(params, cfg, token[None, None], cache, pos, dtype=jnp.dtype(dtype))
-        return logits[0, -1], [{name: slab[0] for name, slab in layer.items()} for layer in cache]
-
-    logits, cache = jax.vmap(row)(slots.token, slots.cache, slots.pos)
-    keys = jax.vmap(jax.random.fold_in)(slots.key, slots.count)
-    token = sample_rows(logits, keys, slots.temperature, slots.top_k, slots.top_p)
-    # A free slot's position keeps moving; clamped, its writes stay inside its own rows.
-    new = Slots(cache, token, jnp.minimum(slots.pos + 1, cfg.context_length - 1), slots.key, slots.count + 1,
-                slots.temperature, slots.top_k, slots.top_p)
-    return new, token, (_logprob_info(logits, token) if logprobs else None)
+def batch_buckets(max_batch: int) -> list[int]:
+    """The decode batch sizes compiled: powers of two below ``max_batch``, and ``max_batch``."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    return sizes + [max_batch]
 
 
 class Engine:
@@ -152,40 +152,51 @@ class Engine:
     ``on_step(active_slots, waiting)`` is called after each step (for metrics)."""
 
     def __init__(self, params: Params, cfg: GPTConfig, *, max_batch: int = 8, weights_dtype: str = "float32",
-                 dtype: str = "float32", max_queue: int = 64, on_step: Callable[[int, int], None] | None = None):
+                 dtype: str = "float32", max_queue: int = 64, on_step: Callable[[int, int], None] | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         self.cfg, self.max_batch, self.dtype = cfg, max_batch, jnp.dtype(dtype).name
+        self.prefill_chunk = min(prefill_chunk, cfg.context_length)
         self.params = quantize_params(params, weights_dtype)
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.on_step = on_step
-        self.slots = self._empty_slots()
-        self.running: list[Request | None] = [None] * max_batch
+        self.cache = init_cache(cfg, max_batch)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.buckets = batch_buckets(max_batch)
+        self._changed = True  # the busy slots changed since the decode batch was built
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="gptjax-engine", daemon=True)
 
-    def _empty_slots(self) -> Slots:
-        b = self.max_batch
-        return Slots(init_cache(self.cfg, b), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.int32),
-                     jax.random.split(jax.random.key(0), b), jnp.zeros(b, jnp.int32), jnp.zeros(b, jnp.float32),
-                     jnp.zeros(b, jnp.int32), jnp.ones(b, jnp.float32))
+    # --- compiled programs -------------------------------------------------------------------------
 
-    def prefill_buckets(self) -> list[int]:
-        """The padded prompt lengths prefill compiles for."""
+    def prefill_widths(self) -> list[int]:
+        """The padded chunk lengths prefill compiles for."""
         sizes, n = [], 1
-        while not sizes or sizes[-1] < self.cfg.context_length:
-            sizes.append(_bucket(n, cap=self.cfg.context_length))
+        while not sizes or sizes[-1] < self.prefill_chunk:
+            sizes.append(_bucket(n, cap=self.prefill_chunk))
             n = sizes[-1] + 1
         return sizes
 
     def warm_up(self) -> None:
-        """Compile every shape a request can hit (each prefill bucket, insert, both decode steps) now."""
-        for size in self.prefill_buckets():
-            self._prefill_insert(Request([0] * size, 1, temperature=1.0, top_k=1), 0)
-        for logprobs in (False, True):
-            self.slots, token, info = _step(self.params, self.cfg, self.slots, dtype=self.dtype, logprobs=logprobs)
-            jax.block_until_ready((token, info))
+        """Compile every shape a request can hit (each prefill width, each decode batch with and without
+        log-probs) now, on padding that writes nothing a request reads."""
+        zero_f, zero_i = np.float32(0), np.int32(0)
+        for width in self.prefill_widths():
+            self.cache, token, _ = _prefill_chunk(self.params, self.cfg, self.cache, np.zeros((1, width), np.int32),
+                                                  zero_i, zero_i, zero_i, np.zeros(2, np.uint32), zero_f, zero_i,
+                                                  np.float32(1), dtype=self.dtype)
+            jax.block_until_ready(token)
+        for size in self.buckets:
+            for logprobs in (False, True):
+                self.cache, _, token, _ = _decode_step(self.params, self.cfg, self.cache, self._rows([], size),
+                                                       dtype=self.dtype, logprobs=logprobs)
+                jax.block_until_ready(token)
+
+    # --- the public side -----------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
@@ -200,79 +211,138 @@ class Engine:
         self._wake.set()
 
     def active(self) -> int:
-        return sum(r is not None for r in self.running)
+        return sum(s is not None for s in self.slots)
 
     def idle(self) -> bool:
         return self.active() == 0 and self.waiting.empty()
 
-    def _prefill_insert(self, r: Request, slot: int) -> tuple[int, tuple | None]:
-        length = len(r.prompt)
-        padded = np.zeros((1, _bucket(length, cap=self.cfg.context_length)), np.int32)
-        padded[0, :length] = r.prompt
-        key = jax.random.key(r.seed)
-        settings = (np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p))
-        cache, token, info = _prefill(self.params, self.cfg, padded, np.int32(length), key, *settings,
-                                      dtype=self.dtype)
-        self.slots = _insert(self.slots, cache, np.int32(slot), token, np.int32(length), key, *settings)
-        token, info = jax.device_get((token, info))
-        return int(token[0]), (info[0] if r.logprobs is not None else None)
+    # --- the engine thread -----------------------------------------------------------------------------
 
-    def _emit(self, slot: int, token: int, info) -> None:
-        """Hand a slot its new token; end the request on eos, its length, a stop string or a cancel."""
-        r = self.running[slot]
+    def _rows(self, order: list[int], size: int) -> Rows:
+        """The decode batch of slots ``order``, padded to ``size`` rows."""
+        assert len(order) <= size
+        slot, token, pos = np.zeros(size, np.int32), np.zeros(size, np.int32), np.full(size, -1, np.int32)
+        key, temperature = np.zeros((size, 2), np.uint32), np.zeros(size, np.float32)
+        top_k, top_p = np.zeros(size, np.int32), np.ones(size, np.float32)
+        for i, s in enumerate(self.slots[j] for j in order):
+            r = s.request
+            slot[i], token[i], pos[i], key[i] = order[i], s.token, s.pos, s.key
+            temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
+        return Rows(slot, token, pos, key, temperature, top_k, top_p)
+
+    def _finish(self, index: int, reason: str) -> None:
+        s = self.slots[index]
+        self.slots[index] = None
+        self._changed = True
+        s.request.on_finish(reason)
+
+    def _emit(self, index: int, token: int, info) -> None:
+        """Hand a slot's request its new token; end it on end of text, its length, a stop or a cancel."""
+        s = self.slots[index]
+        r = s.request
         r.generated += 1
+        s.token, s.pos = token, s.pos + 1
         if token == ENDOFTEXT_ID:
-            reason = "stop"
-        else:
-            r.on_token(token, None if info is None else _split_logprobs(info, r.logprobs))
-            reason = ("stop" if r.should_stop() else "length" if r.generated >= r.max_tokens
-                      else "cancelled" if r.cancelled.is_set() else None)
+            self._finish(index, "stop")
+            return
+        r.on_token(token, None if info is None else _split_logprobs(info, r.logprobs))
+        reason = ("stop" if r.should_stop() else "length" if r.generated >= r.max_tokens
+                  else "cancelled" if r.cancelled.is_set() else None)
         if reason is not None:
-            self.running[slot] = None
-            r.on_finish(reason)
+            self._finish(index, reason)
 
     def _admit(self) -> None:
-        """Prefill and insert waiting requests into the free slots."""
-        for slot in range(self.max_batch):
-            if self.running[slot] is not None:
+        """Move waiting requests into the free slots (to be prefilled)."""
+        for index in range(self.max_batch):
+            while self.slots[index] is None:
+                try:
+                    r = self.waiting.get_nowait()
+                except queue.Empty:
+                    return
+                if r.cancelled.is_set():
+                    r.on_finish("cancelled")
+                    continue
+                try:
+                    key = np.asarray(jax.random.key_data(row_keys(jax.random.key(r.seed), 1)[0]), np.uint32)
+                except (OverflowError, TypeError, ValueError) as e:  # a seed jax cannot take
+                    r.on_finish(f"error: {e}")
+                    continue
+                self.slots[index] = _Slot(r, key)
+                self._changed = True
+
+    def _prefill_round(self) -> None:
+        """One chunk of every slot still prefilling, until a chunk's worth of tokens ran; a prompt's last chunk
+        also chooses its first token."""
+        budget = self.prefill_chunk
+        for index, s in enumerate(self.slots):
+            if s is None or s.decoding or budget <= 0:
                 continue
+            r = s.request
+            n = min(self.prefill_chunk, len(r.prompt) - s.prefilled)
+            chunk = np.zeros((1, _bucket(n, cap=self.prefill_chunk)), np.int32)
+            chunk[0, :n] = r.prompt[s.prefilled: s.prefilled + n]
             try:
-                r = self.waiting.get_nowait()
-            except queue.Empty:
-                return
-            if r.cancelled.is_set():
-                r.on_finish("cancelled")
-                continue
-            self.running[slot] = r
-            try:
-                token, info = self._prefill_insert(r, slot)
+                self.cache, token, info = _prefill_chunk(
+                    self.params, self.cfg, self.cache, chunk, np.int32(s.prefilled), np.int32(index), np.int32(n - 1),
+                    s.key, np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), dtype=self.dtype)
             except Exception as e:  # a failed request must not take the engine down
-                self.running[slot] = None
-                r.on_finish(f"error: {e}")
+                self._finish(index, f"error: {e}")
                 continue
-            self._emit(slot, token, info)
+            budget -= n
+            s.prefilled += n
+            if s.decoding:
+                token, info = jax.device_get((token, info))
+                s.pos = len(r.prompt) - 1  # _emit advances it to the new token's position
+                self._emit(index, int(token), info if r.logprobs is not None else None)
+
+    def _process(self, order: list[int], requests: list[Request], tokens, info) -> None:
+        """Hand each row's token of a finished step to its slot (rows whose request ended meanwhile are
+        dropped)."""
+        tokens, info = jax.device_get((tokens, info))
+        for i, index in enumerate(order):
+            s = self.slots[index]
+            if s is not None and s.request is requests[i]:
+                self._emit(index, int(tokens[i]), None if info is None else info[i])
+        if self.on_step:
+            self.on_step(self.active(), self.waiting.qsize())
+
+    def _cancel_requested(self) -> None:
+        for index, s in enumerate(self.slots):
+            if s is not None and s.request.cancelled.is_set():
+                self._finish(index, "cancelled")
 
     def _loop(self) -> None:
+        inflight: collections.deque = collections.deque()
+        rows = order = requests = None
         while not self._stop.is_set():
-            for slot, r in enumerate(self.running):
-                if r is not None and r.cancelled.is_set():
-                    self.running[slot] = None
-                    r.on_finish("cancelled")
-            self._admit()
-            if self.active() == 0:
-                if self.on_step:
-                    self.on_step(0, self.waiting.qsize())
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
-            want = any(r is not None and r.logprobs is not None for r in self.running)
-            self.slots, tokens, info = _step(self.params, self.cfg, self.slots, dtype=self.dtype, logprobs=want)
-            tokens, info = jax.device_get((tokens, info))
-            for slot, r in enumerate(self.running):
-                if r is not None:
-                    self._emit(slot, int(tokens[slot]), None if r.logprobs is None else info[slot])
-            if self.on_step:
-                self.on_step(self.active(), self.waiting.qsize())
+            self._cancel_requested()
+            prefilling = any(s is not None and not s.decoding for s in self.slots)
+            joining = not self.waiting.empty() and None in self.slots
+            if self._changed or prefilling or joining:
+                while inflight:
+                    self._process(*inflight.popleft())
+                self._admit()
+                self._prefill_round()
+                self._changed = False
+                order = [i for i, s in enumerate(self.slots) if s is not None and s.decoding]
+                if not order:
+                    if not any(s is not None for s in self.slots) and self.waiting.empty():
+                        if self.on_step:
+                            self.on_step(0, 0)
+                        self._wake.wait()
+                        self._wake.clear()
+                    self._changed = True
+                    continue
+                requests = [self.slots[i].request for i in order]
+                rows = self._rows(order, next(b for b in self.buckets if b >= len(order)))
+            logprobs = any(r.logprobs is not None for r in requests)
+            self.cache, rows, tokens, info = _decode_step(self.params, self.cfg, self.cache, rows, dtype=self.dtype,
+                                                          logprobs=logprobs)
+            inflight.append((order, requests, tokens, info))
+            if len(inflight) > 1:
+                self._process(*inflight.popleft())
+        while inflight:
+            self._process(*inflight.popleft())
 
 
 def _split_logprobs(info: np.ndarray, n: int) -> tuple[float, list[tuple[int, float]]]:

@@ -106,7 +106,7 @@ def causal_attention(
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim], or
     [batch, heads, kv_len, head_dim] with ``kv_heads_major`` (the KV cache's layout). Query i sits at
-    position ``q_offset + i`` and key j at position j; a query attends to keys at positions <= its
+    position ``q_offset + i`` (``q_offset`` a scalar or one per batch row) and key j at position j; a query attends to keys at positions <= its
     own. With a KV cache, keys past the filled part of the cache are therefore masked too.
     ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
     float32 whatever the input dtype.
@@ -114,7 +114,7 @@ def causal_attention(
     kv = "bhkd" if kv_heads_major else "bkhd"
     head_dim = q.shape[-1]
     scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    q_pos = q_offset + jnp.arange(q.shape[1])[:, None]
+    q_pos = jnp.asarray(q_offset)[..., None, None, None] + jnp.arange(q.shape[1])[:, None]  # [(batch, 1,) q, 1]
     k_pos = jnp.arange(k.shape[2 if kv_heads_major else 1])[None, :]
     scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
@@ -124,16 +124,31 @@ def causal_attention(
 
 
 def attend_with_cache(
-    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array
+    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
+    cache_rows: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
     preallocated cache; the causal mask hides the slots not yet written. The cache is heads-major
     ([batch, heads, slots, head_dim]): each decode step then reads it as it lies instead of
-    transposing all of it."""
-    def write(slots, new):
-        return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
+    transposing all of it.
 
-    cache = {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+    ``pos`` is a scalar or one position per batch row. ``cache_rows`` [batch] names the cache row each
+    batch row reads and writes (a serving engine's slots); a row at a negative position is padding and
+    leaves the cache as it was."""
+    pos = jnp.asarray(pos, jnp.int32)
+    if cache_rows is not None:
+        dropped = jnp.where(pos >= 0, cache_rows, cache["k"].shape[0])  # out of range: the scatter drops it
+        rows = {name: slab.at[cache_rows].get(mode="clip") for name, slab in cache.items()}
+        context, rows = attend_with_cache(q, k, v, rows, jnp.broadcast_to(pos, q.shape[:1]))
+        return context, {name: cache[name].at[dropped].set(rows[name], mode="drop") for name in cache}
+
+    def write_rows(slots, new):
+        if pos.ndim == 0:
+            return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
+        return jax.vmap(lambda slots, new, at: jax.lax.dynamic_update_slice(
+            slots, new.swapaxes(0, 1).astype(slots.dtype), (0, at, 0)))(slots, new, pos)
+
+    cache = {"k": write_rows(cache["k"], k), "v": write_rows(cache["v"], v)}
     context = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_offset=pos,
                                kv_heads_major=True)
     return context, cache
@@ -166,12 +181,13 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs | None = None,
         cache: dict[str, jax.Array] | None = None,
         pos: int | jax.Array = 0,
+        cache_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         b, t, _ = x.shape
         qkv = platform.project_qkv(x, (self.W_query, self.W_key, self.W_value))
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in qkv)
         if cache is not None:
-            context, cache = platform.cached_attention(q, k, v, cache, pos, xla=attend_with_cache)
+            context, cache = platform.cached_attention(q, k, v, cache, pos, cache_rows, xla=attend_with_cache)
         elif rngs is not None and self.dropout.rate > 0:
             dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
             context = causal_attention(q, k, v, dropout=dropout)
@@ -197,11 +213,12 @@ class TransformerBlock(nnx.Module):
         rngs: nnx.Rngs | None = None,
         cache: dict[str, jax.Array] | None = None,
         pos: int | jax.Array = 0,
+        cache_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
         x = platform.block_input(mesh_axes.split_over_batch(x))
         shortcut = x
-        x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos)
+        x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos, cache_rows=cache_rows)
         # The residual stream stays float32: with bf16 compute, the branch output is promoted here.
         x = drop(x) + shortcut
         shortcut = x
@@ -240,22 +257,25 @@ class GPTModel(nnx.Module):
         rngs: nnx.Rngs | None = None,
         cache: KVCache | None = None,
         pos: int | jax.Array = 0,
+        cache_rows: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [batch, seq, vocab] in float32; with ``cache``, also the updated cache."""
+        """Logits [batch, seq, vocab] in float32; with ``cache``, also the updated cache. ``pos`` (a scalar
+        or one per row) is the first token's position; ``cache_rows`` (see :func:`apply_with_cache`)."""
         _, seq_len = in_idx.shape
         if seq_len > self.context_length:
             raise ValueError(
                 f"sequence length {seq_len} exceeds the model's context_length {self.context_length}; "
                 f"pass at most the last {self.context_length} tokens"
             )
-        x = self.tok_emb(in_idx) + self.pos_emb(pos + jnp.arange(seq_len))
+        x = self.tok_emb(in_idx) + self.pos_emb(jnp.asarray(pos)[..., None] + jnp.arange(seq_len))
         x = self.drop_emb(x, deterministic=rngs is None, rngs=rngs)
         new_cache = []
         for i, block in enumerate(self.trf_blocks):
             if self.remat and cache is None:
                 x, layer_cache = _block_rematerialized(block, x, rngs), None
             else:
-                x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos)
+                x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos,
+                                       cache_rows=cache_rows)
             new_cache.append(layer_cache)
         logits = platform.logits(self.out_head, self.final_norm(x))
         return logits if cache is None else (logits, new_cache)
@@ -348,15 +368,19 @@ def apply_with_cache(
     cache: KVCache,
     pos: int | jax.Array,
     *,
+    cache_rows: jax.Array | None = None,
     dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, KVCache]:
     """Logits for ``token_ids`` placed at positions pos..pos+seq-1, reading and extending ``cache``.
 
-    Pure and traceable; callers jit it (``pos`` may be traced). Positions must stay below
-    context_length: the caller slides the window, as :mod:`gptjax.sampling` does. ``dtype`` is the
-    compute dtype as in :func:`apply`; the cache keeps its own dtype (see :func:`init_cache`).
+    Pure and traceable; callers jit it (``pos`` may be traced). ``pos`` is one position for the batch or
+    one per row ([batch]). Positions must stay below context_length: the caller slides the window, as
+    :mod:`gptjax.sampling` does. ``cache_rows`` [batch] int32 names the cache row each batch row reads
+    and writes, for a cache with more rows than the batch (a serving engine's slots; None: row r is cache
+    row r); rows at a negative position are padding, writing nothing. ``dtype`` is the compute dtype as
+    in :func:`apply`; the cache keeps its own dtype (see :func:`init_cache`).
     """
-    return model_from_params(params, cfg, dtype=dtype)(token_ids, cache=cache, pos=pos)
+    return model_from_params(params, cfg, dtype=dtype)(token_ids, cache=cache, pos=pos, cache_rows=cache_rows)
 
 
 def param_count(params: Params) -> int:

@@ -198,23 +198,26 @@ def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwar
 
 
 def compiled_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array],
-                              pos: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                              pos: jax.Array, cache_rows: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, _, heads, head_dim = q.shape
     rows = [y.reshape(b, heads, head_dim) for y in (q, k, v)]
-    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, (b,)))
+    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, (b,)),
+                                                         cache_rows)
     return out.reshape(q.shape), {"k": cache_k, "v": cache_v}
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
-                     *, xla: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``xla(q, k, v, cache, pos)``: write the chunk's keys and values into the KV cache at positions
-    pos..pos+t-1 and attend over it; q, k, v [batch, t, heads, head_dim]. Returns (context, new cache)."""
+                     cache_rows: jax.Array | None, *, xla: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``xla(q, k, v, cache, pos, cache_rows)``: write the chunk's keys and values into the KV cache at
+    positions pos..pos+t-1 (``pos`` a scalar or one per row) of cache rows ``cache_rows`` (None: row r of the
+    batch is row r of the cache) and attend over them; q, k, v [batch, t, heads, head_dim]. Returns
+    (context, new cache)."""
     pos = jnp.asarray(pos, jnp.int32)
     compiled = (q.shape[1] == 1 and cpu_kernels.unavailable() is None
                 and all(a.dtype == jnp.float32 for a in (q, k, v, cache["k"], cache["v"])))
     if not compiled:
-        return xla(q, k, v, cache, pos)
-    return _cpu_or_accelerator(q, k, v, cache, pos, cpu=compiled_cached_attention, accelerator=xla)
+        return xla(q, k, v, cache, pos, cache_rows)
+    return _cpu_or_accelerator(q, k, v, cache, pos, cache_rows, cpu=compiled_cached_attention, accelerator=xla)
 
 
 def decode_cache_grows(params: Any) -> bool:

@@ -5,6 +5,10 @@ Decoding strategy:
 * The logits filters (:func:`top_k_filter`, :func:`apply_temperature`, :func:`top_p_filter`) and
   :func:`sample_next` are pure functions of any logits array, in the book's order: top-k, then
   temperature, then (our addition) top-p, then a categorical draw. Temperature 0 is greedy argmax.
+* :func:`sample_rows` is the sampler :func:`generate` and the serving engine share: the same filters with
+  each row's settings as arrays and its own key, on the 64 largest logits where they hold the answer
+  (top-k up to 64, most top-p nuclei) and over the whole vocabulary, without sorting it, where they do
+  not; sampling then costs a step little more than greedy's argmax.
 * :func:`generate` prefills the prompt once, then decodes inside jitted ``jax.lax.while_loop``
   calls: one token per iteration, no host round trip per token, an early exit once every row has
   emitted ``eos_id``. Attention reads every slot of the KV cache, so the cache grows in power-of-two
@@ -31,7 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import warnings
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +131,127 @@ def sample_next(
 
 
 # ---------------------------------------------------------------------------------------------
+# The per-row sampler that generate and the serving engine share.
+
+CANDIDATES = 64  # the bounded candidate set: top-k up to this size, and most top-p nuclei of trained models
+_BLOCK = 256  # the inverse-CDF draw over the vocabulary walks block sums, then one block
+
+
+def _sortable(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (negative floats' bits flipped, positives' sign bit set)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _largest_key(keys: jax.Array, enough: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """Per row, the largest uint32 ``t`` for which ``enough(keys >= t)`` holds (``enough`` of a [rows, vocab]
+    mask gives [rows] bools, true for the all-true mask and monotone): 32 halvings of the key range, one
+    pass over the vocabulary each, where a sort would cost a hundred times more on a CPU."""
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        ok = enough(keys >= mid[:, None])
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    rows = keys.shape[0]
+    bounds = (jnp.zeros(rows, jnp.uint32), jnp.full(rows, 0xFFFFFFFF, jnp.uint32))
+    return jax.lax.fori_loop(0, 32, halve, bounds)[0]
+
+
+def _last_positive(w: jax.Array) -> jax.Array:
+    return w.shape[-1] - 1 - jnp.argmax(jnp.flip(w > 0, axis=-1), axis=-1)
+
+
+def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """Per row, the index drawn from the (unnormalised, nonnegative) ``weights`` [rows, n] by the uniform
+    ``u`` [rows] in [0, 1): the first index whose cumulative weight exceeds ``u`` times the total, found in
+    blocks of _BLOCK so that no scan runs over the whole vocabulary. Never an index of weight 0."""
+    rows, n = weights.shape
+    blocks = -(-n // _BLOCK)
+    w = jnp.pad(weights, ((0, 0), (0, blocks * _BLOCK - n))).reshape(rows, blocks, _BLOCK)
+    block_mass = w.sum(-1)
+    cum = jnp.cumsum(block_mass, axis=-1)
+    target = u * cum[:, -1]
+    b = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), _last_positive(block_mass))
+    inner = jnp.take_along_axis(w, b[:, None, None], axis=1)[:, 0]
+    rest = target - jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+    j = jnp.minimum(jnp.sum(jnp.cumsum(inner, axis=-1) <= rest[:, None], axis=-1), _last_positive(inner))
+    return (b * _BLOCK + j).astype(jnp.int32)
+
+
+def _draw_from_vocabulary(logits: jax.Array, u: jax.Array, temperature: jax.Array, k: jax.Array,
+                          top_p: jax.Array) -> jax.Array:
+    """The exact draw over the whole vocabulary: top-k's and top-p's thresholds found by halving (each only
+    when some row asks for it), the kept probabilities drawn from by ``u``."""
+    vocab = logits.shape[-1]
+    keys = _sortable(logits)
+    zero = jnp.zeros(logits.shape[:1], jnp.uint32)
+    kth = jax.lax.cond(jnp.any(k < vocab), lambda: _largest_key(keys, lambda m: jnp.sum(m, axis=-1) >= k),
+                       lambda: zero)
+    x = jnp.where(keys >= kth[:, None], logits / temperature[:, None], -jnp.inf)
+    probs = jax.nn.softmax(x, axis=-1)
+    nucleus = jax.lax.cond(
+        jnp.any(top_p < 1.0),
+        lambda: _largest_key(keys, lambda m: jnp.sum(jnp.where(m, probs, 0.0), axis=-1) >= top_p), lambda: zero)
+    nucleus = jnp.where(top_p < 1.0, nucleus, 0)
+    return _inverse_cdf(jnp.where(keys >= nucleus[:, None], probs, 0.0), u)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> jax.Array:
+    """One token per row of ``logits`` [rows, vocab], each row with its own settings ([rows] arrays, so one
+    compiled program serves every mix): temperature 0 is argmax; otherwise top-k (0: off; ties with the
+    k-th kept), temperature, top-p (1: off), and a draw with the row's key, as :func:`sample_next`
+    filters. A row's token depends on its own logits, settings and key only, never on the other rows.
+
+    The filters run on the CANDIDATES largest logits (one ``lax.top_k``), which hold the whole answer when
+    top-k is at most CANDIDATES or the top-p nucleus ends inside them; a row whose answer they do not hold
+    (no filter, a larger k, a wider nucleus, ties past the candidates) takes the exact draw over the whole
+    vocabulary, computed only when some row needs it. Either draw inverts the kept probabilities' CDF with
+    one uniform number from the row's key."""
+    def sampled():
+        vocab = logits.shape[-1]
+        c = min(CANDIDATES, vocab)
+        t = jnp.where(temperature > 0, temperature, 1.0)
+        u = jax.vmap(jax.random.uniform)(keys)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        # The barrier keeps XLA:CPU's top-k a partial selection: where its operand also feeds a conditional
+        # (the exact draw below), XLA turns it into a sort of the whole vocabulary, 100x slower.
+        vals, ids, full = jax.lax.optimization_barrier((*jax.lax.top_k(logits, c), logits))
+        kth = jnp.take_along_axis(vals, jnp.clip(k - 1, 0, c - 1)[:, None], axis=-1)[:, 0]
+        k_inside = k <= c
+        kept = jnp.where(k_inside[:, None], vals >= kth[:, None], True)
+        x = vals / t[:, None]
+        # Probabilities over what top-k kept: the candidates, or (no top-k) the whole vocabulary.
+        lse = jnp.where(k_inside, jax.nn.logsumexp(jnp.where(kept, x, -jnp.inf), axis=-1),
+                        jax.nn.logsumexp(full / t[:, None], axis=-1))
+        probs = jnp.where(kept, jnp.exp(x - lse[:, None]), 0.0)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        n_keep = jnp.sum(kept & ((before < top_p[:, None]) | (top_p[:, None] >= 1.0)), axis=-1)
+        threshold = jnp.take_along_axis(vals, jnp.maximum(n_keep - 1, 0)[:, None], axis=-1)[:, 0]
+        spill = (c < vocab) & (vals[:, -1] >= jnp.where(k_inside, kth, threshold))  # ties past the candidates
+        inside = ~spill & (k_inside | ((k == vocab) & (top_p < 1.0) & (n_keep < c)))
+        drawn = ids[jnp.arange(ids.shape[0]), _inverse_cdf(jnp.where(vals >= threshold[:, None], probs, 0.0), u)]
+        exact = jax.lax.cond(jnp.any(~inside & (temperature > 0)),
+                             lambda: _draw_from_vocabulary(full, u, t, k, top_p), lambda: drawn)
+        # The first candidate is the argmax (top_k puts the lowest index first among ties, as argmax picks).
+        return jnp.where(temperature > 0, jnp.where(inside, drawn, exact), ids[:, 0]).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+
+
+def row_keys(key: jax.Array, rows: int) -> jax.Array:
+    """The sampling key of each of ``rows`` sequences drawn with ``key``: row r's is ``fold_in(key, r)``, so
+    a served request with seed s draws what row 0 of ``generate(..., rng=s)`` draws."""
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(rows))
+
+
+def position_keys(keys: jax.Array, position: jax.Array) -> jax.Array:
+    """Each row's key for the token at ``position`` (a scalar or one per row)."""
+    return jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(position, keys.shape[:1]))
+
+
+# ---------------------------------------------------------------------------------------------
 # Generation.
 
 
@@ -150,12 +275,13 @@ def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int, *, grow: bool
 
 
 class _Sampler(NamedTuple):
-    """How each new token is chosen: arrays (one compiled program serves every value) and static flags."""
+    """How each new token is chosen: arrays, one value per row (one compiled program serves every value)."""
 
     eos_id: jax.Array  # int32; < 0: no eos
-    key: jax.Array
-    temperature: jax.Array
-    top_p: jax.Array
+    keys: jax.Array  # [batch] keys (row_keys)
+    temperature: jax.Array  # [batch] float32
+    top_k: jax.Array  # [batch] int32; 0: off
+    top_p: jax.Array  # [batch] float32; 1: off
 
 
 class _State(NamedTuple):
@@ -167,16 +293,15 @@ class _State(NamedTuple):
     length: jax.Array  # int32: tokens written; tokens[:, length - 1] is the last, not yet fed to the model
 
 
-def _emit(state: _State, logits: jax.Array, sampler: _Sampler, *, greedy: bool, top_k: int | None,
-          use_top_p: bool) -> _State:
+def _emit(state: _State, logits: jax.Array, sampler: _Sampler, *, greedy: bool) -> _State:
     """Choose the token at position `length` from the logits that predict it and write it; rows already
     stopped repeat eos."""
     tokens, cache, done, length = state
     if greedy:
         picked = sample_next(logits, None)
     else:
-        picked = sample_next(logits, jax.random.fold_in(sampler.key, length), sampler.temperature, top_k,
-                             sampler.top_p if use_top_p else None)
+        picked = sample_rows(logits, position_keys(sampler.keys, length), sampler.temperature, sampler.top_k,
+                             sampler.top_p)
     next_id = jnp.where(done, sampler.eos_id, picked)
     tokens = jax.lax.dynamic_update_slice(tokens, next_id[:, None], (0, length))
     return _State(tokens, cache, done | (next_id == sampler.eos_id), length + 1)
@@ -186,9 +311,9 @@ def _running(state: _State, end: jax.Array) -> jax.Array:
     return (state.length < end) & ~jnp.all(state.done)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots", "greedy", "top_k", "use_top_p"))
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "greedy"))
 def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array, sampler: _Sampler,
-             *, slots: int, greedy: bool, top_k: int | None, use_top_p: bool) -> _State:
+             *, slots: int, greedy: bool) -> _State:
     """Run the padded prompt through the model once into a cache of ``slots`` positions, and choose the
     first new token."""
     batch, width = padded_prompt.shape
@@ -196,8 +321,7 @@ def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_le
     logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0)
     tokens = jnp.zeros((batch, slots + 1), jnp.int32).at[:, :width].set(padded_prompt)
     state = _State(tokens, cache, jnp.zeros((batch,), bool), prompt_len)
-    return _emit(state, jnp.take(logits, prompt_len - 1, axis=1), sampler, greedy=greedy, top_k=top_k,
-                 use_top_p=use_top_p)
+    return _emit(state, jnp.take(logits, prompt_len - 1, axis=1), sampler, greedy=greedy)
 
 
 def _weights_for_step(params: Params, step: jax.Array) -> Params:
@@ -220,7 +344,7 @@ def _pad_to(array: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def _decode_bucket(params: Params, cfg: GPTConfig, state: _State, end: jax.Array, sampler: _Sampler, *, slots: int,
-                   greedy: bool, top_k: int | None, use_top_p: bool) -> _State:
+                   greedy: bool) -> _State:
     """Decode with a cache of ``slots`` positions (the state's cache grown to it first) while the sequence
     is shorter than ``end`` and fits the cache: one token per iteration, each feeding the last token at
     its own position. Attention reads the whole cache it is given, so the cache grows in buckets, one
@@ -233,23 +357,21 @@ def _decode_bucket(params: Params, cfg: GPTConfig, state: _State, end: jax.Array
         last = jax.lax.dynamic_slice(state.tokens, (0, state.length - 1), (state.tokens.shape[0], 1))
         logits, cache = apply_with_cache(_weights_for_step(params, state.length), cfg, last, state.cache,
                                          state.length - 1)
-        return _emit(state._replace(cache=cache), logits[:, -1], sampler, greedy=greedy, top_k=top_k,
-                     use_top_p=use_top_p)
+        return _emit(state._replace(cache=cache), logits[:, -1], sampler, greedy=greedy)
 
     return jax.lax.while_loop(lambda state: _running(state, end) & (state.length <= slots), body, state)
 
 
-_BUCKET_STATIC = ("cfg", "slots", "greedy", "top_k", "use_top_p")
+_BUCKET_STATIC = ("cfg", "slots", "greedy")
 # A bucket's program, from a state of its own size (donated: the loop then updates that cache in place) or
 # from the previous bucket's (grown into new buffers).
 _decode_bucket_in_place = jax.jit(_decode_bucket, static_argnames=_BUCKET_STATIC, donate_argnums=(2,))
 _decode_bucket_grown = jax.jit(_decode_bucket, static_argnames=_BUCKET_STATIC)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "width", "greedy", "top_k", "use_top_p"))
+@functools.partial(jax.jit, static_argnames=("cfg", "width", "greedy"))
 def _decode_sliding(params: Params, cfg: GPTConfig, tokens: jax.Array, done: jax.Array, length: jax.Array,
-                    end: jax.Array, sampler: _Sampler, *, width: int, greedy: bool, top_k: int | None,
-                    use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+                    end: jax.Array, sampler: _Sampler, *, width: int, greedy: bool) -> tuple[jax.Array, jax.Array]:
     """Past the context the window slides and every position shifts each step: recompute the whole window
     for each token, into a buffer of ``width`` tokens. Returns the buffer and the length written."""
     context = cfg.context_length
@@ -258,10 +380,18 @@ def _decode_sliding(params: Params, cfg: GPTConfig, tokens: jax.Array, done: jax
     def body(state):
         window = jax.lax.dynamic_slice(state.tokens, (0, state.length - context), (state.tokens.shape[0], context))
         logits = apply(_weights_for_step(params, state.length), cfg, window)[:, -1]
-        return _emit(state, logits, sampler, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        return _emit(state, logits, sampler, greedy=greedy)
 
     state = jax.lax.while_loop(lambda state: _running(state, end), body, state)
     return state.tokens, state.length
+
+
+def _sampler_shapes(batch: int) -> _Sampler:
+    """The abstract sampler of ``batch`` rows (what the decode programs are compiled for)."""
+    def rows(dtype):
+        return jax.ShapeDtypeStruct((batch,), dtype)
+    keys = jax.eval_shape(lambda: row_keys(jax.random.key(0), batch))
+    return _Sampler(jax.ShapeDtypeStruct((), jnp.int32), keys, rows(jnp.float32), rows(jnp.int32), rows(jnp.float32))
 
 
 def _state_shapes(cfg: GPTConfig, batch: int, slots: int) -> _State:
@@ -288,7 +418,7 @@ class _Programs:
         self._params, self._cfg, self._end, self._sampler, self._static = params, cfg, end, sampler, static
         weights = tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None))
                         for leaf in jax.tree_util.tree_leaves(params))
-        self._key = (cfg, jax.tree_util.tree_structure(params), weights, jax.random.key_impl(sampler.key),
+        self._key = (cfg, jax.tree_util.tree_structure(params), weights, jax.random.key_impl(sampler.keys),
                      tuple(sorted(static.items())))
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptjax-compile")
 
@@ -383,11 +513,12 @@ def generate(
     buffer[:, :prompt_len] = prompt
     padded = buffer[:, : _bucket(prompt_len, cap=context)]
 
-    greedy_static = dict(greedy=greedy, top_k=None if greedy else top_k, use_top_p=not greedy and top_p is not None)
-    sampler = _Sampler(np.int32(-1 if eos_id is None else eos_id), key, np.float32(temperature),
-                       np.float32(1.0 if top_p is None else top_p))
-    end = np.int32(prompt_len + max_new_tokens)
+    greedy_static = dict(greedy=greedy)
     batch = ids.shape[0]
+    sampler = _Sampler(np.int32(-1 if eos_id is None else eos_id), row_keys(key, batch),
+                       np.full(batch, temperature, np.float32), np.full(batch, top_k or 0, np.int32),
+                       np.full(batch, 1.0 if top_p is None else top_p, np.float32))
+    end = np.int32(prompt_len + max_new_tokens)
     buckets = _kv_buckets(padded.shape[1], buffer.shape[1], context, grow=platform.decode_cache_grows(params))
     state = _prefill(params, cfg, padded, np.int32(prompt_len), sampler, slots=buckets[0], **greedy_static)
     programs = _Programs(params, cfg, sampler, end, greedy_static)

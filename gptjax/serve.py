@@ -194,17 +194,23 @@ class Choice:
 
 class TextTracker:
     """Decoded text of a choice, cut at the first stop string; ``stable()`` is the part no later token can
-    change (an incomplete UTF-8 character or a possible stop string's beginning is held back)."""
+    change (an incomplete UTF-8 character or a possible stop string's beginning is held back). ``used`` is
+    how many tokens the text took: once a stop string is found, the tokens up to the one that completed it
+    (the engine may have appended more before it saw the stop)."""
 
     def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer, self.stop, self.text, self.stopped = tokenizer, stop, "", False
+        self.tokenizer, self.stop, self.text, self.stopped, self.used = tokenizer, stop, "", False, 0
 
     def update(self, tokens: list[int]) -> None:
-        text = self.tokenizer.decode_bytes(tokens).decode("utf-8", errors="replace")
-        cuts = [text.find(s) for s in self.stop if s in text]
-        if cuts:
-            text, self.stopped = text[: min(cuts)], True
-        self.text = text
+        tokens = list(tokens)  # the engine thread appends meanwhile
+        while not self.stopped and self.used < len(tokens):
+            # Usually one new token; after a burst, each in turn, so the stop is found at its own token.
+            self.used += 1
+            text = self.tokenizer.decode_bytes(tokens[: self.used]).decode("utf-8", errors="replace")
+            cuts = [text.find(s) for s in self.stop if s in text]
+            if cuts:
+                text, self.stopped = text[: min(cuts)], True
+            self.text = text
 
     def stable(self, final: bool) -> str:
         if final or self.stopped:
@@ -297,17 +303,17 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                 index = len(choices)
                 choice, tracker = Choice(p), TextTracker(tokenizer, s.stop)
 
-                def on_token(token, lp, choice=choice, tracker=tracker, index=index):
+                def on_token(token, lp, choice=choice, index=index):
+                    # The engine thread: record and signal only; the text is decoded on the event loop.
                     now = time.perf_counter()
                     if choice.tokens:
                         metrics.itl.observe(now - choice.last)
                     else:
                         metrics.ttft.observe(now - requests[index].submitted)
                     choice.last = now
+                    choice.logprobs.append(lp)  # before the token: a reader never finds a token without its entry
                     choice.tokens.append(token)
-                    choice.logprobs.append(lp)
                     metrics.generated_tokens.inc()
-                    tracker.update(choice.tokens)
                     loop.call_soon_threadsafe(events.put_nowait, index)
 
                 def on_finish(reason, choice=choice, index=index):
@@ -329,24 +335,36 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                            {"Retry-After": "1"}) from None
         return choices, trackers, events, requests
 
+    async def next_event(events: asyncio.Queue, choices: list[Choice], trackers: list[TextTracker],
+                         requests: list[Request]) -> int:
+        """The next choice with news, its text brought up to date; a stop string found ends its request."""
+        i = await events.get()
+        trackers[i].update(choices[i].tokens)
+        if trackers[i].stopped:
+            requests[i].cancelled.set()
+        return i
+
+    def is_done(choice: Choice, tracker: TextTracker) -> bool:
+        return choice.finish is not None or tracker.stopped
+
     def finish_reason(choice: Choice) -> str:
         if choice.finish and choice.finish.startswith("error"):
             raise APIError(500, f"generation failed: {choice.finish}", None, "engine_error", "server_error")
         return "length" if choice.finish == "length" else "stop"
 
-    def logprobs_of(choice: Choice, s: Sampling, start: int = 0) -> dict | None:
+    def logprobs_of(choice: Choice, tracker: TextTracker, s: Sampling, start: int = 0) -> dict | None:
         if s.logprobs is None:
             return None
-        entries = choice.logprobs[start:]
+        entries = choice.logprobs[start: tracker.used]
         toks = [tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace")
                 for t in choice.tokens[start:start + len(entries)]]
         return {"tokens": toks, "token_logprobs": [lp for lp, _ in entries],
                 "top_logprobs": [{tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"): v
                                   for t, v in top} for _, top in entries], "text_offset": []}
 
-    def usage(choices: list[Choice], prompts: list[list[int]], s: Sampling) -> dict:
+    def usage(trackers: list[TextTracker], prompts: list[list[int]], s: Sampling) -> dict:
         prompt_tokens = sum(len(p) for p in prompts) * s.n
-        completion = sum(len(c.tokens) for c in choices)
+        completion = sum(t.used for t in trackers)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
@@ -359,11 +377,13 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
 
         if not s.stream:
             try:
-                while any(c.finish is None for c in choices):
-                    await events.get()
+                while not all(is_done(c, t) for c, t in zip(choices, trackers)):
+                    await next_event(events, choices, trackers, requests)
             finally:
                 for r in requests:
                     r.cancelled.set()
+            for c, t in zip(choices, trackers):
+                t.update(c.tokens)
             out = []
             for i, (c, t) in enumerate(zip(choices, trackers)):
                 reason = finish_reason(c)
@@ -372,9 +392,9 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                                 "finish_reason": reason, "logprobs": None})
                 else:
                     out.append({"index": i, "text": prefixes[i] + t.text, "finish_reason": reason,
-                                "logprobs": logprobs_of(c, s)})
+                                "logprobs": logprobs_of(c, t, s)})
             return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": out,
-                    "usage": usage(choices, prompts, s)}
+                    "usage": usage(trackers, prompts, s)}
 
         def chunk(i: int, text: str | None, reason: str | None, lp=None, role: bool = False) -> str:
             if chat:
@@ -397,22 +417,24 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                         yield chunk(i, prefixes[i], None)
                 done = set()
                 while len(done) < len(choices):
-                    i = await events.get()
+                    i = await next_event(events, choices, trackers, requests)
                     c, t = choices[i], trackers[i]
                     if i in done:
                         continue
-                    final = c.finish is not None
+                    final = is_done(c, t)
+                    if final:  # every token is in once the engine finished the choice
+                        t.update(c.tokens)
                     text = t.stable(final)
                     if len(text) > sent[i]:
-                        lp = logprobs_of(c, s, lp_sent[i])
-                        lp_sent[i] = len(c.logprobs)
+                        lp = logprobs_of(c, t, s, lp_sent[i])
+                        lp_sent[i] = t.used
                         yield chunk(i, text[sent[i]:], None, lp)
                         sent[i] = len(text)
                     if final:
                         done.add(i)
                         yield chunk(i, None if chat else "", finish_reason(c))
                 if (body.get("stream_options") or {}).get("include_usage"):
-                    yield (f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [], 'usage': usage(choices, prompts, s)})}\n\n")
+                    yield (f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [], 'usage': usage(trackers, prompts, s)})}\n\n")
                 yield "data: [DONE]\n\n"
             finally:  # a client that went away: free its slots at the next step
                 for r in requests:

@@ -124,10 +124,10 @@ def test_decode_loop_updates_the_cache_in_place():
     times a token); the only cache copies are of the program's inputs, once, as it starts."""
     cfg = CFG.replace(context_length=256, emb_dim=64)
     params = gptjax.init_params(cfg, seed=0)
-    i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    sampler = sampling._Sampler(i32, jax.random.key(0), f32, f32)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    sampler = sampling._sampler_shapes(1)
     compiled = sampling._decode_bucket_in_place.lower(params, cfg, sampling._state_shapes(cfg, 1, 64), i32, sampler,
-                                             slots=64, greedy=True, top_k=None, use_top_p=False).compile().as_text()
+                                             slots=64, greedy=True).compile().as_text()
     cache_shape = re.compile(rf"f32\[1,{cfg.n_heads},64,{cfg.head_dim}\]\S* copy\(")
     copies = [line for line in compiled.splitlines() if cache_shape.search(line)]
     assert len(copies) <= 2 * cfg.n_layers and all("cache" in line for line in copies), copies

@@ -1,7 +1,9 @@
-"""The continuous-batching engine (gptjax.engine): greedy answers equal gptjax.generate whatever shares the
-batch, sampled ones depend only on their own seed and settings, slots are reused, cancels free a slot."""
+"""The continuous-batching engine (gptjax.engine): greedy and seeded sampled answers equal gptjax.generate
+whatever shares the batch, requests join and leave a running batch, long prompts are prefilled in chunks,
+slots are reused, cancels free a slot."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +63,80 @@ def test_greedy_equals_generate_whatever_shares_the_batch(engine, params):
         assert len(tokens) == 12 or reason == "stop"
 
 
+SAMPLED = [dict(temperature=0.8, top_k=50), dict(temperature=0.8, top_p=0.95), dict(temperature=1.0),
+           dict(temperature=0.7, top_k=3, top_p=0.5)]
+
+
+def test_seeded_sampled_requests_equal_generate_under_concurrency(engine, params):
+    """Each sampled request draws what row 0 of generate(rng=seed) draws, alone or among others (candidate
+    draws and whole-vocabulary ones), and greedy neighbours still match generate."""
+    requests = [dict(prompt=p, max_tokens=10, seed=30 + i, **SAMPLED[i % len(SAMPLED)]) for i, p in enumerate(PROMPTS)]
+    requests += [dict(prompt=p, max_tokens=7) for p in PROMPTS[:3]]
+    results = run_all(engine, requests)
+    for kw, (tokens, _) in zip(requests, results):
+        settings = {k: kw[k] for k in ("temperature", "top_k", "top_p") if k in kw}
+        ref = generate(params, CFG, np.array([kw["prompt"]]), kw["max_tokens"], eos_id=50256,
+                       rng=kw.get("seed") if settings else None, **settings)[0, len(kw["prompt"]):].tolist()
+        assert tokens == [t for t in ref if t != 50256][: len(tokens)] and len(tokens) > 0, (kw, tokens, ref)
+
+
+def test_requests_join_and_leave_a_running_batch(params):
+    """Requests of different lengths submitted at different times: the batch grows and shrinks through its
+    compiled sizes (1, 2, 4) while rows keep their slots, and every greedy answer is generate's."""
+    eng = Engine(params, CFG, max_batch=4)
+    eng.start()
+    try:
+        outs, finished = {}, threading.Semaphore(0)
+        sizes = []
+        eng.on_step = lambda active, waiting: sizes.append(active)
+
+        def submit(i, prompt, n):
+            outs[i] = []
+            eng.submit(Request(prompt, n, on_token=lambda t, lp: outs[i].append(t),
+                               on_finish=lambda r: finished.release()))
+
+        plan = [(PROMPTS[i], 6 + 5 * i) for i in range(6)]
+        submit(0, *plan[0])
+        for i in range(1, 6):
+            deadline = time.time() + 60
+            while len(outs[i - 1]) < 2 and time.time() < deadline:  # the previous one is decoding
+                time.sleep(0.001)
+            submit(i, *plan[i])
+        for _ in plan:
+            assert finished.acquire(timeout=120)
+    finally:
+        eng.stop()
+    for i, (prompt, n) in enumerate(plan):
+        assert outs[i] == generate(params, CFG, np.array([prompt]), n, eos_id=50256)[0, len(prompt):].tolist()[: len(outs[i])]
+        assert len(outs[i]) == n or outs[i][-1:] != [50256]
+    assert max(sizes) >= 3 and sizes[-1] == 0 and eng.idle()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_and_others_keep_decoding(params):
+    """A prompt four chunks long (prefill_chunk 16) beside a running stream: the stream gets tokens between
+    the long prompt's chunks, and both answers are generate's."""
+    eng = Engine(params, CFG, max_batch=2, prefill_chunk=16)
+    eng.start()
+    try:
+        events, done = [], threading.Semaphore(0)
+        short, long = [1, 2, 3], list(range(100, 160))
+        eng.submit(Request(short, 40, on_token=lambda t, lp: events.append(("short", t)),
+                           on_finish=lambda r: done.release()))
+        while not events:
+            time.sleep(0.001)
+        mark = len(events)
+        eng.submit(Request(long, 3, on_token=lambda t, lp: events.append(("long", t)),
+                           on_finish=lambda r: done.release()))
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        eng.stop()
+    got = {name: [t for n, t in events if n == name] for name in ("short", "long")}
+    for name, prompt, n in (("short", short, 40), ("long", long, 3)):
+        assert got[name] == generate(params, CFG, np.array([prompt]), n, eos_id=50256)[0, len(prompt):].tolist()[: len(got[name])]
+    first_long = [n for n, _ in events].index("long")
+    assert len(got["short"]) == 40 and first_long - mark >= 3  # one short token at least per long chunk
+
+
 def test_sampled_tokens_depend_only_on_their_own_seed(engine):
     alone = run_all(engine, [dict(prompt=[5, 6, 7], max_tokens=10, temperature=1.0, top_k=20, seed=7)])[0][0]
     crowd = run_all(engine, [dict(prompt=[5, 6, 7], max_tokens=10, temperature=1.0, top_k=20, seed=7)]
@@ -68,6 +144,18 @@ def test_sampled_tokens_depend_only_on_their_own_seed(engine):
     assert crowd[0][0] == alone
     other_seed = run_all(engine, [dict(prompt=[5, 6, 7], max_tokens=10, temperature=1.0, top_k=20, seed=8)])[0][0]
     assert other_seed != alone  # the seed matters (10 tokens from 20 candidates: equal by chance is negligible)
+
+
+def test_a_cancel_while_steps_are_in_flight_ends_the_request_at_once(engine):
+    """A request cancelled from its own token callback (the step after is already dispatched) gets no
+    further token, and its slot serves the next request."""
+    tokens, reasons, finished = [], [], threading.Event()
+    r = Request([4, 5, 6], 30, on_finish=lambda why: (reasons.append(why), finished.set()))
+    r.on_token = lambda t, lp: (tokens.append(t), len(tokens) == 3 and r.cancelled.set())
+    engine.submit(r)
+    assert finished.wait(60)
+    assert reasons == ["cancelled"] and len(tokens) == 3
+    assert all(len(t) == 3 for t, _ in run_all(engine, [dict(prompt=[3], max_tokens=3)] * engine.max_batch))
 
 
 def test_a_cancelled_request_frees_its_slot(engine):

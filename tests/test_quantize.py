@@ -77,10 +77,10 @@ def test_unknown_weights_dtype_is_refused():
 
 def compiled_decode(cfg, params, batch):
     """The compiled program of the first 64-slot bucket of a decode (gptjax.sampling)."""
-    i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
-    sampler = sampling._Sampler(i32, jax.random.key(0), f32, f32)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    sampler = sampling._sampler_shapes(batch)
     return sampling._decode_bucket_in_place.lower(params, cfg, sampling._state_shapes(cfg, batch, 64), i32, sampler, slots=64,
-                                         greedy=True, top_k=None, use_top_p=False).compile().as_text()
+                                         greedy=True).compile().as_text()
 
 
 def test_decode_steps_read_the_stored_weights():

@@ -1,6 +1,7 @@
 """gptjax.sampling: greedy parity with the book's torch loop, sampled distributions, eos, errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,6 +13,7 @@ from gptjax.sampling import (
     _prefill,
     apply_temperature,
     generate,
+    sample_rows,
     sample_next,
     top_k_filter,
     top_p_filter,
@@ -114,6 +116,42 @@ def test_sampled_frequencies_match_the_filtered_distribution(temperature, top_k,
         assert chisquare(observed, expected).pvalue > 1e-3, (observed, expected.round(1))
     else:
         assert observed[0] == DRAWS
+
+
+# A 300-token vocabulary: wider than the sampler's candidate set, so both of its draws run.
+WIDE_LOGITS = np.asarray(jax.random.normal(jax.random.key(5), (300,)) * 2.0, np.float32)
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [(0.8, 10, None), (0.8, 50, 0.5), (1.5, None, 0.3),  # the candidates hold the answer
+     (1.0, None, None), (0.8, 100, None), (1.0, 200, 0.9), (0.5, None, 0.999)],  # the whole vocabulary's draw
+)
+def test_sample_rows_draws_the_filtered_distribution(temperature, top_k, top_p):
+    """The per-row sampler of generate and the server draws what the book's filters define, on both paths."""
+    n = 20000
+    draw = jax.jit(lambda keys: sample_rows(jnp.broadcast_to(WIDE_LOGITS, (n, 300)), keys, jnp.full(n, temperature),
+                                            jnp.full(n, top_k or 0, jnp.int32), jnp.full(n, top_p or 1.0)))
+    counts = np.bincount(np.asarray(draw(jax.random.split(jax.random.key(9), n))), minlength=300)
+    probs = expected_distribution(WIDE_LOGITS, temperature, top_k, top_p)
+    assert counts[probs == 0].sum() == 0, "a filtered-out token was sampled"
+    big = probs * n >= 5
+    observed, expected = np.append(counts[big], counts[~big].sum()), np.append(probs[big], probs[~big].sum()) * n
+    keep = expected > 0
+    assert chisquare(observed[keep], expected[keep] * observed[keep].sum() / expected[keep].sum()).pvalue > 1e-3
+
+
+def test_sample_rows_gives_each_row_its_own_answer():
+    """A row's token depends on its logits, settings and key alone: the same row in batches of other rows
+    (greedy, sampled on either path) draws the same token; greedy rows are the argmax."""
+    logits = jnp.asarray(np.stack([WIDE_LOGITS, WIDE_LOGITS[::-1], WIDE_LOGITS * 0.1, WIDE_LOGITS]))
+    keys = jax.random.split(jax.random.key(2), 4)
+    temperature, top_k, top_p = jnp.array([0.9, 0.0, 1.0, 0.7]), jnp.array([20, 0, 0, 0]), jnp.array([1.0, 1.0, 0.9, 1.0])
+    together = np.asarray(jax.jit(sample_rows)(logits, keys, temperature, top_k, top_p))
+    for i in range(4):
+        alone = sample_rows(logits[i:i + 1], keys[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1])
+        assert int(alone[0]) == together[i]
+    assert together[1] == int(np.argmax(WIDE_LOGITS[::-1]))
 
 
 def test_filters_on_known_logits():

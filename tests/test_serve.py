@@ -238,6 +238,9 @@ def test_the_page_streams_a_continuation_in_a_real_browser(page, weights):
 
 
 def test_the_pages_stop_button_ends_the_stream(page, server):
+    # The tiny model streams its 60 tokens in milliseconds: a slow network keeps the stream open for the click.
+    page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": 2000, "uploadThroughput": 100000})
     page.fill("#prompt", "x")
     page.fill("#temperature", "1")
     page.fill("#max_tokens", "60")
