@@ -1,14 +1,31 @@
-"""Aggregate tokens/s, time to first token and inter-token latency of ``python -m gptjax.serve`` under 1, 4, 8
-and 16 concurrent streaming clients (bounded requests, 127.0.0.1 only).
+"""``python -m gptjax.serve`` under 1, 4, 8 and 16 concurrent streaming clients, beside gptjax's own decoder
+and llama.cpp's ``llama-server`` on the same weights, in one run (bounded requests, 127.0.0.1 only).
 
-A randomly initialised model of the 124M shape (GPT_CONFIG_124M: context 256) is saved to a temporary
-folder and served in a subprocess with its default ``--max-batch 8``; each client sends ``--requests``
-streaming completions one after another (a short prompt, ``--max-tokens`` new tokens, greedy, no early
-stop), and every chunk's arrival time is recorded. The clients run on the same 2 cores as the server, so
-the figures include their cost.
+A randomly initialised model (default gpt2-small: the 124M shape at GPT-2's context of 1024) is saved and
+served in a subprocess with ``--max-batch 8``; each client sends ``--requests`` streaming completions one
+after another (a short prompt, ``--max-tokens`` new tokens, no early stop: end of text is ignored where
+the server allows it and rare on random weights), and every chunk's arrival is recorded. Rows: aggregate
+tokens/s, time to first token and inter-token latency p50 / p99, per server x sampler x client count.
+Samplers: greedy, and temperature 0.8 with top-k 40 (``--top-k``).
 
-    python benchmarks/bench_serve.py                                  # 124M shape: some 10 minutes on 2 cores
-    python benchmarks/bench_serve.py --quick                          # tiny model, seconds
+Baselines, measured first in this process with no server running: ``gptjax.generate`` at batch 1 and 8,
+greedy and sampled, from each weights dtype served. Servers (``--servers``):
+  gptjax:float32, gptjax:int8   python -m gptjax.serve --weights-dtype ...
+  llama:f32, llama:q8_0         llama-server on gptjax.convert's GGUF export of the same weights
+                                (--parallel 8, continuous batching, a context of 8 x 1024, every core)
+
+Building llama-server (once, ~10 minutes on 2 cores; the benchmark's job, never CI's): the llama.cpp
+vendored in llama-cpp-python 0.3.36's source package,
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 && tar xzf llama_cpp_python-0.3.36.tar.gz
+    cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF
+    cmake --build build --target llama-server -j2          # then --llama-server build/bin/llama-server
+
+``--long-prompt``: 7 greedy streams decoding while a 900-token prompt arrives; the 7 streams' inter-token
+latency p50 / p99 during its prefill, against the same without it.
+
+    python benchmarks/bench_serve.py --llama-server PATH                 # the issue's table: ~25 minutes
+    python benchmarks/bench_serve.py --quick                             # a tiny model, gptjax only: seconds
 """
 
 from __future__ import annotations
@@ -31,9 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, print_table, write_json  # noqa: E402
 
 import gptjax  # noqa: E402
-from gptjax import GPT_CONFIG_124M, GPTConfig  # noqa: E402
+from gptjax import GPTConfig  # noqa: E402
+from gptjax.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+GGUF_TYPES = {"f32": "f32", "q8_0": "q8_0"}
 
 
 def free_port() -> int:
@@ -42,10 +61,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
+def stream_one(url: str, prompt, max_tokens: int, sampler: dict, seed: int) -> dict:
     """One streaming request: its submission time, each text chunk's arrival, and the completion tokens."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "seed": seed,
+            "stream_options": {"include_usage": True}, "ignore_eos": True, **sampler}
     start, arrivals, tokens = time.perf_counter(), [], None
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -55,18 +74,26 @@ def stream_one(url: str, prompt: str, max_tokens: int) -> dict:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["text"]:
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 arrivals.append(time.perf_counter())
-    return {"start": start, "arrivals": arrivals, "tokens": tokens}
+    return {"start": start, "arrivals": arrivals, "tokens": tokens if tokens is not None else len(arrivals)}
 
 
-def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def latency_stats(results: list[dict]) -> dict:
+    ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
+    itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    return {"ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
+            "itl_p99_ms": pct(itl, 99)}
+
+
+def run_level(url: str, clients: int, requests: int, max_tokens: int, sampler: dict) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(i: int) -> None:
         for j in range(requests):
-            r = stream_one(url, f"Every effort moves you {i} {j}", max_tokens)
+            r = stream_one(url, f"Every effort moves you {i} {j}", max_tokens, sampler, seed=1000 * i + j)
             with lock:
                 results.append(r)
 
@@ -77,54 +104,151 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    ttft = [r["arrivals"][0] - r["start"] for r in results if r["arrivals"]]
-    itl = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     generated = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "generated_tokens": generated, "seconds": wall,
-            "tokens_s": generated / wall,
-            "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)), "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
-            "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)), "itl_p99_ms": 1e3 * float(np.percentile(itl, 99))}
+            "tokens_s": generated / wall, **latency_stats(results)}
+
+
+def long_prompt_case(url: str, max_tokens: int, prompt_len: int) -> dict:
+    """7 greedy streams; once they decode, a ``prompt_len``-token prompt arrives: their inter-token latency
+    while it is prefilled (from its arrival to its first token) against before it."""
+    greedy = {"temperature": 0}
+    results: list[dict] = []
+    started = threading.Barrier(8)
+
+    def stream(i):
+        started.wait()
+        results.append(stream_one(url, f"Every effort moves you {i}", max_tokens, greedy, seed=i))
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(7)]
+    for t in threads:
+        t.start()
+    started.wait()
+    time.sleep(2.0)
+    ids = np.random.default_rng(0).integers(0, 50000, prompt_len).tolist()
+    long = stream_one(url, ids, 4, greedy, seed=99)
+    for t in threads:
+        t.join()
+    window = (long["start"], long["arrivals"][0])
+    during = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:]) if window[0] <= b <= window[1]
+              or a <= window[0] <= b]
+    before = [b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:]) if b < window[0]]
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else None  # noqa: E731
+    return {"prompt_tokens": prompt_len, "prefill_ttft_ms": 1e3 * (window[1] - window[0]),
+            "itl_before_p50_ms": pct(before, 50), "itl_before_p99_ms": pct(before, 99),
+            "itl_during_p50_ms": pct(during, 50), "itl_during_p99_ms": pct(during, 99),
+            "itl_during_max_ms": 1e3 * max(during) if during else None}
+
+
+def start_server(kind: str, variant: str, weights: Path, cfg: GPTConfig, args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    if kind == "gptjax":
+        cmd = [sys.executable, "-m", "gptjax.serve", "--weights", str(weights), "--port", str(port),
+               "--max-batch", str(args.max_batch), "--max-queue", "256", "--weights-dtype", variant]
+    else:
+        gguf = weights.parent / f"model-{variant}.gguf"
+        if not gguf.exists():
+            gptjax.save_weights(gptjax.load_weights(weights)[0], cfg, gguf, format="gguf", gguf_type=variant)
+        cmd = [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", str(args.max_batch), "-cb",
+               "-c", str(args.max_batch * cfg.context_length), "-t", str(os.cpu_count()), "--no-webui",
+               "--log-disable"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{kind} did not start")
+
+
+def generate_baselines(params, cfg, dtypes: list[str], samplers: dict, max_tokens: int) -> list[dict]:
+    """gptjax.generate's tokens/s at batch 1 and 8 (best of 2 after a compiling run)."""
+    rows = []
+    for dtype in dtypes:
+        for name, sampler in samplers.items():
+            kw = {} if sampler.get("temperature", 0) == 0 else dict(temperature=sampler["temperature"],
+                                                                     top_k=sampler.get("top_k"), rng=0)
+            for batch in (1, 8):
+                ids = np.random.default_rng(0).integers(0, 50000, (batch, 8))
+                generate(params, cfg, ids, max_tokens, weights_dtype=dtype, **kw)
+                best = min(_timed(lambda: generate(params, cfg, ids, max_tokens, weights_dtype=dtype, **kw))
+                           for _ in range(2))
+                rows.append({"weights_dtype": dtype, "sampler": name, "batch": batch,
+                             "tokens_s": batch * max_tokens / best})
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny model and few tokens: checks the script runs")
+    p.add_argument("--config", default="gpt2-small", help="the served shape (default: gpt2-small)")
+    p.add_argument("--servers", nargs="+", default=["gptjax:float32", "gptjax:int8", "llama:f32", "llama:q8_0"])
+    p.add_argument("--samplers", nargs="+", choices=["greedy", "top-k"], default=["greedy", "top-k"])
+    p.add_argument("--top-k", type=int, default=40, help="the sampled rows' top-k, at temperature 0.8 (default 40)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests", type=int, default=2, help="requests per client (default: 2)")
     p.add_argument("--max-tokens", type=int, default=100, help="new tokens per request (default: 100)")
-    p.add_argument("--max-batch", type=int, default=8, help="the server's decode slots (default: 8, its default)")
+    p.add_argument("--max-batch", type=int, default=8, help="decode slots of every server (default: 8)")
+    p.add_argument("--long-prompt", type=int, default=900, metavar="N",
+                   help="the long-prompt case's prompt length (0: skip it; default: 900)")
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), metavar="PATH",
+                   help="the llama-server binary (default: $LLAMA_SERVER); llama rows are skipped without it")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = p.parse_args()
-    cfg = (GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2) if args.quick
-           else GPT_CONFIG_124M)
-    max_tokens = 16 if args.quick else args.max_tokens
+    if args.quick:
+        cfg = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2)
+        args.servers, args.max_tokens, args.long_prompt = ["gptjax:float32"], 16, 40
+    else:
+        cfg = gptjax.get_config(args.config)
+    servers = [s.split(":") for s in args.servers if not (s.startswith("llama") and not args.llama_server)]
+    samplers = {"greedy": {"temperature": 0}, "top-k": {"temperature": 0.8, "top_k": args.top_k}}
+    samplers = {name: samplers[name] for name in args.samplers}
 
+    params = gptjax.init_params(cfg, seed=0)
+    dtypes = sorted({v for k, v in servers if k == "gptjax"})
+    baselines = generate_baselines(params, cfg, dtypes, samplers, args.max_tokens)
+    rows, long_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "model"
-        gptjax.save_weights(gptjax.init_params(cfg, seed=0), cfg, weights)
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(weights), "--port", str(port),
-                                 "--max-batch", str(args.max_batch), "--max-queue", "256"],
-                                cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ})
-        try:
-            line = proc.stdout.readline()
-            assert "serving on" in line, line
-            url = f"http://127.0.0.1:{port}"
-            stream_one(url, "warm", 4)
-            rows = [run_level(url, c, args.requests, max_tokens) for c in args.clients]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=120)
-    by = {r["clients"]: r["tokens_s"] for r in rows}
-    ratio = by[8] / by[1] if 8 in by and 1 in by else None
-    print_table(rows, [("clients", "clients", "d"), ("requests", "requests", "d"), ("tokens_s", "tokens/s", ".1f"),
+        gptjax.save_weights(params, cfg, weights)
+        for kind, variant in servers:
+            proc, url = start_server(kind, variant, weights, cfg, args)
+            try:
+                stream_one(url, "warm", 4, {"temperature": 0}, seed=0)
+                for name, sampler in samplers.items():
+                    for clients in args.clients:
+                        row = {"server": kind, "weights": variant, "sampler": name,
+                               **run_level(url, clients, args.requests, args.max_tokens, sampler)}
+                        rows.append(row)
+                        print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+                if args.long_prompt and variant in ("float32", "f32"):
+                    long_rows.append({"server": kind, "weights": variant,
+                                      **long_prompt_case(url, args.max_tokens * 2, args.long_prompt)})
+                    print(long_rows[-1], flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=120)
+    print_table(rows, [("server", "server", "s"), ("weights", "weights", "s"), ("sampler", "sampler", "s"),
+                       ("clients", "clients", "d"), ("tokens_s", "tokens/s", ".1f"),
                        ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
                        ("itl_p50_ms", "ITL p50 ms", ".1f"), ("itl_p99_ms", "ITL p99 ms", ".1f")])
-    if ratio:
-        print(f"8 concurrent / 1 concurrent aggregate tokens/s: {ratio:.2f}x")
-    write_json(args.out, {"machine": machine_info(), "config": "tiny" if args.quick else "GPT_CONFIG_124M",
-                          "max_batch": args.max_batch, "max_tokens": max_tokens, "rows": rows,
-                          "ratio_8_over_1": ratio})
+    write_json(args.out, {"machine": machine_info(), "config": "tiny" if args.quick else args.config,
+                          "max_batch": args.max_batch, "max_tokens": args.max_tokens, "top_k": args.top_k,
+                          "generate": baselines, "rows": rows, "long_prompt": long_rows})
 
 
 if __name__ == "__main__":

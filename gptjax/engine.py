@@ -55,7 +55,8 @@ PREFILL_CHUNK = 256
 @dataclass
 class Request:
     """One sequence to generate. ``on_token(token_id, logprob_info)`` and ``on_finish(reason)`` are
-    called from the engine thread and must be quick; ``finish_reason`` is "stop" (end of text, or
+    called from the engine thread and must be quick; ``finish_reason`` is "stop" (end of text unless
+    ``ignore_eos``, or
     ``should_stop()`` true after a token), "length", "cancelled" or "error: ..."."""
 
     prompt: list[int]
@@ -65,6 +66,7 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     logprobs: int | None = None
+    ignore_eos: bool = False
     on_token: Callable[[int, tuple | None], None] = lambda token, lp: None
     on_finish: Callable[[str], None] = lambda reason: None
     should_stop: Callable[[], bool] = lambda: False
@@ -242,7 +244,7 @@ class Engine:
         r = s.request
         r.generated += 1
         s.token, s.pos = token, s.pos + 1
-        if token == ENDOFTEXT_ID:
+        if token == ENDOFTEXT_ID and not r.ignore_eos:
             self._finish(index, "stop")
             return
         r.on_token(token, None if info is None else _split_logprobs(info, r.logprobs))

@@ -87,6 +87,7 @@ class Sampling:
     stream: bool
     echo: bool
     logprobs: int | None
+    ignore_eos: bool = False
 
 
 def _field(body: dict, name: str, kinds: tuple, default: Any) -> Any:
@@ -133,7 +134,8 @@ def parse_sampling(body: dict, cfg: GPTConfig, *, chat: bool) -> Sampling:
         raise APIError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
     return Sampling(max_tokens, temperature, top_p, max(top_k, 0), stop + ([CHAT_STOP] if chat else []),
                     random.getrandbits(31) if seed is None else seed, n, _field(body, "stream", (bool,), False),
-                    False if chat else _field(body, "echo", (bool,), False), logprobs)
+                    False if chat else _field(body, "echo", (bool,), False), logprobs,
+                    _field(body, "ignore_eos", (bool,), False))
 
 
 def parse_prompts(body: dict, tokenizer, vocab_size: int) -> list[list[int]]:
@@ -321,7 +323,8 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                     loop.call_soon_threadsafe(events.put_nowait, index)
 
                 requests.append(Request(p, s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + index, s.logprobs,
-                                        on_token, on_finish, should_stop=lambda tracker=tracker: tracker.stopped))
+                                        s.ignore_eos, on_token, on_finish,
+                                        should_stop=lambda tracker=tracker: tracker.stopped))
                 choices.append(choice)
                 trackers.append(tracker)
         try:
