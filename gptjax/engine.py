@@ -43,13 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import Params, apply_with_cache, init_cache
+from gptjax.model import Params, apply, apply_with_cache, init_cache
 from gptjax.quantize import quantize_params
 from gptjax.sampling import _bucket, position_keys, row_keys, sample_rows
 from gptjax.tokenizer import ENDOFTEXT_ID
 
 MAX_LOGPROBS = 5  # OpenAI's completions API allows logprobs up to 5
 PREFILL_CHUNK = 256
+SCORE_TOKENS = 2048  # tokens in one scoring pass (its logits: 2048 x 50257 float32, 400 MB)
 
 
 @dataclass
@@ -75,12 +76,31 @@ class Request:
     generated: int = 0
 
 
+@dataclass
+class ScoreRequest:
+    """A prompt to score: ``on_done(info)`` gets, for each position 1.. of the prompt, the log-prob block of
+    that token given the ones before it ([len(prompt) - 1, 1 + 2 * MAX_LOGPROBS], see ``split_logprobs``),
+    or ``on_done(None, reason)`` when it failed ("error: ...") or was cancelled."""
+
+    prompt: list[int]
+    on_done: Callable[..., None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
 def _logprob_info(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """[rows, 1 + 2 * MAX_LOGPROBS] float32: the chosen token's log-prob, then the top log-probs and their ids."""
+    """[..., 1 + 2 * MAX_LOGPROBS] float32: the chosen token's log-prob, then the top log-probs and their ids
+    (both read from one log-softmax, so the chosen token's number is the one among the top where it is)."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
-    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)
     return jnp.concatenate([chosen, top_lp, top_ids.astype(jnp.float32)], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _score_pass(params: Params, cfg: GPTConfig, tokens: jax.Array, *, dtype: str) -> jax.Array:
+    """Every position's next-token log-prob block of padded prompts [rows, width]: one forward pass."""
+    logits = apply(params, cfg, tokens, dtype=jnp.dtype(dtype))
+    return _logprob_info(logits[:, :-1], tokens[:, 1:])
 
 
 class Rows(NamedTuple):
@@ -119,8 +139,9 @@ def _prefill_chunk(params: Params, cfg: GPTConfig, cache: list, chunk: jax.Array
                    dtype: str):
     """A padded chunk [1, width] of a prompt at positions start.. into cache row ``slot``, and the token that
     follows its position ``last`` (used after the prompt's last chunk) with its log-prob block."""
-    logits, cache = apply_with_cache(params, cfg, chunk, cache, start, cache_rows=slot[None], dtype=jnp.dtype(dtype))
-    final = jnp.take(logits, last, axis=1)
+    logits, cache = apply_with_cache(params, cfg, chunk, cache, start, cache_rows=slot[None], logits_at=last,
+                                     dtype=jnp.dtype(dtype))
+    final = logits[:, 0]
     token, info = _sample(final, key[None], start + last + 1, temperature[None], top_k[None], top_p[None])
     return cache, token[0], info[0]
 
@@ -164,6 +185,8 @@ class Engine:
         self.prefill_chunk = min(prefill_chunk, cfg.context_length)
         self.params = quantize_params(params, weights_dtype)
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.scoring: queue.Queue[ScoreRequest] = queue.Queue(maxsize=max_queue)
+        self._held: ScoreRequest | None = None  # taken from the queue, too long for the last pass
         self.on_step = on_step
         self.cache = init_cache(cfg, max_batch)
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -212,11 +235,18 @@ class Engine:
         self.waiting.put_nowait(request)
         self._wake.set()
 
+    def score(self, request: ScoreRequest) -> None:
+        """Queue a prompt for scoring (one forward pass, no decode slot); ``queue.Full`` beyond max_queue."""
+        if not 2 <= len(request.prompt) <= self.cfg.context_length:
+            raise ValueError(f"a scored prompt needs 2 to {self.cfg.context_length} tokens, got {len(request.prompt)}")
+        self.scoring.put_nowait(request)
+        self._wake.set()
+
     def active(self) -> int:
         return sum(s is not None for s in self.slots)
 
     def idle(self) -> bool:
-        return self.active() == 0 and self.waiting.empty()
+        return self.active() == 0 and self.waiting.empty() and self.scoring.empty() and self._held is None
 
     # --- the engine thread -----------------------------------------------------------------------------
 
@@ -247,7 +277,7 @@ class Engine:
         if token == ENDOFTEXT_ID and not r.ignore_eos:
             self._finish(index, "stop")
             return
-        r.on_token(token, None if info is None else _split_logprobs(info, r.logprobs))
+        r.on_token(token, None if info is None else split_logprobs(info, r.logprobs))
         reason = ("stop" if r.should_stop() else "length" if r.generated >= r.max_tokens
                   else "cancelled" if r.cancelled.is_set() else None)
         if reason is not None:
@@ -308,6 +338,44 @@ class Engine:
         if self.on_step:
             self.on_step(self.active(), self.waiting.qsize())
 
+    def _score_round(self) -> None:
+        """One scoring pass: waiting prompts padded to the first one's bucket, as many as SCORE_TOKENS allows,
+        in a power-of-two number of rows."""
+        jobs: list[ScoreRequest] = []
+        width = rows = 0
+        while True:
+            job, self._held = self._held, None
+            if job is None:
+                try:
+                    job = self.scoring.get_nowait()
+                except queue.Empty:
+                    break
+            if job.cancelled.is_set():
+                job.on_done(None, "cancelled")
+                continue
+            if not jobs:
+                width = _bucket(len(job.prompt), cap=self.cfg.context_length)
+                rows = max(1, SCORE_TOKENS // width)
+            elif len(job.prompt) > width:
+                self._held = job
+                break
+            jobs.append(job)
+            if len(jobs) == rows:
+                break
+        if not jobs:
+            return
+        tokens = np.zeros((next(b for b in batch_buckets(rows) if b >= len(jobs)), width), np.int32)
+        for i, job in enumerate(jobs):
+            tokens[i, : len(job.prompt)] = job.prompt
+        try:
+            info = np.asarray(_score_pass(self.params, self.cfg, tokens, dtype=self.dtype))
+        except Exception as e:  # a failed pass must not take the engine down
+            for job in jobs:
+                job.on_done(None, f"error: {e}")
+            return
+        for i, job in enumerate(jobs):
+            job.on_done(info[i, : len(job.prompt) - 1])
+
     def _cancel_requested(self) -> None:
         for index, s in enumerate(self.slots):
             if s is not None and s.request.cancelled.is_set():
@@ -320,15 +388,17 @@ class Engine:
             self._cancel_requested()
             prefilling = any(s is not None and not s.decoding for s in self.slots)
             joining = not self.waiting.empty() and None in self.slots
-            if self._changed or prefilling or joining:
+            scoring = self._held is not None or not self.scoring.empty()
+            if self._changed or prefilling or joining or scoring:
                 while inflight:
                     self._process(*inflight.popleft())
+                self._score_round()
                 self._admit()
                 self._prefill_round()
                 self._changed = False
                 order = [i for i, s in enumerate(self.slots) if s is not None and s.decoding]
                 if not order:
-                    if not any(s is not None for s in self.slots) and self.waiting.empty():
+                    if self.idle():
                         if self.on_step:
                             self.on_step(0, 0)
                         self._wake.wait()
@@ -347,7 +417,7 @@ class Engine:
             self._process(*inflight.popleft())
 
 
-def _split_logprobs(info: np.ndarray, n: int) -> tuple[float, list[tuple[int, float]]]:
+def split_logprobs(info: np.ndarray, n: int) -> tuple[float, list[tuple[int, float]]]:
     """(the chosen token's log-prob, the top ``n`` (id, log-prob) pairs) from a ``_logprob_info`` row."""
     top_lp, top_ids = info[1: 1 + MAX_LOGPROBS], info[1 + MAX_LOGPROBS:]
     return float(info[0]), [(int(top_ids[i]), float(top_lp[i])) for i in range(n)]

@@ -137,10 +137,24 @@ def attend_with_cache(
     leaves the cache as it was."""
     pos = jnp.asarray(pos, jnp.int32)
     if cache_rows is not None:
-        dropped = jnp.where(pos >= 0, cache_rows, cache["k"].shape[0])  # out of range: the scatter drops it
-        rows = {name: slab.at[cache_rows].get(mode="clip") for name, slab in cache.items()}
-        context, rows = attend_with_cache(q, k, v, rows, jnp.broadcast_to(pos, q.shape[:1]))
-        return context, {name: cache[name].at[dropped].set(rows[name], mode="drop") for name in cache}
+        pos = jnp.broadcast_to(pos, q.shape[:1])
+
+        def write_rows(slab, new):
+            # Row by row, only the new positions: in place, where a scatter of whole rows would copy the cache.
+            new = new.swapaxes(1, 2).astype(slab.dtype)
+
+            def one(r, slab):
+                at = (cache_rows[r], 0, jnp.maximum(pos[r], 0), 0)
+                update = jax.lax.dynamic_index_in_dim(new, r)
+                kept = jax.lax.dynamic_slice(slab, at, update.shape)
+                return jax.lax.dynamic_update_slice(slab, jnp.where(pos[r] >= 0, update, kept), at)
+
+            return jax.lax.fori_loop(0, new.shape[0], one, slab)
+
+        cache = {"k": write_rows(cache["k"], k), "v": write_rows(cache["v"], v)}
+        context = causal_attention(q, cache["k"][cache_rows].astype(q.dtype), cache["v"][cache_rows].astype(q.dtype),
+                                   q_offset=pos, kv_heads_major=True)
+        return context, cache
 
     def write_rows(slots, new):
         if pos.ndim == 0:
@@ -258,9 +272,11 @@ class GPTModel(nnx.Module):
         cache: KVCache | None = None,
         pos: int | jax.Array = 0,
         cache_rows: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits [batch, seq, vocab] in float32; with ``cache``, also the updated cache. ``pos`` (a scalar
-        or one per row) is the first token's position; ``cache_rows`` (see :func:`apply_with_cache`)."""
+        or one per row) is the first token's position; ``cache_rows`` and ``logits_at`` (see
+        :func:`apply_with_cache`)."""
         _, seq_len = in_idx.shape
         if seq_len > self.context_length:
             raise ValueError(
@@ -277,6 +293,8 @@ class GPTModel(nnx.Module):
                 x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos,
                                        cache_rows=cache_rows)
             new_cache.append(layer_cache)
+        if logits_at is not None:  # a prefill needs one position's logits, not the head over every position
+            x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)
         logits = platform.logits(self.out_head, self.final_norm(x))
         return logits if cache is None else (logits, new_cache)
 
@@ -369,6 +387,7 @@ def apply_with_cache(
     pos: int | jax.Array,
     *,
     cache_rows: jax.Array | None = None,
+    logits_at: int | jax.Array | None = None,
     dtype: Any = jnp.float32,
 ) -> tuple[jax.Array, KVCache]:
     """Logits for ``token_ids`` placed at positions pos..pos+seq-1, reading and extending ``cache``.
@@ -377,10 +396,12 @@ def apply_with_cache(
     one per row ([batch]). Positions must stay below context_length: the caller slides the window, as
     :mod:`gptjax.sampling` does. ``cache_rows`` [batch] int32 names the cache row each batch row reads
     and writes, for a cache with more rows than the batch (a serving engine's slots; None: row r is cache
-    row r); rows at a negative position are padding, writing nothing. ``dtype`` is the compute dtype as
-    in :func:`apply`; the cache keeps its own dtype (see :func:`init_cache`).
+    row r); rows at a negative position are padding, writing nothing. ``logits_at`` (an index into the
+    sequence) returns that position's logits alone, [batch, 1, vocab]: what a prefill needs. ``dtype`` is
+    the compute dtype as in :func:`apply`; the cache keeps its own dtype (see :func:`init_cache`).
     """
-    return model_from_params(params, cfg, dtype=dtype)(token_ids, cache=cache, pos=pos, cache_rows=cache_rows)
+    return model_from_params(params, cfg, dtype=dtype)(token_ids, cache=cache, pos=pos, cache_rows=cache_rows,
+                                                       logits_at=logits_at)
 
 
 def param_count(params: Params) -> int:

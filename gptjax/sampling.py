@@ -318,10 +318,10 @@ def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_le
     first new token."""
     batch, width = padded_prompt.shape
     cache = init_cache(cfg, batch, slots=slots)
-    logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0)
+    logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0, logits_at=prompt_len - 1)
     tokens = jnp.zeros((batch, slots + 1), jnp.int32).at[:, :width].set(padded_prompt)
     state = _State(tokens, cache, jnp.zeros((batch,), bool), prompt_len)
-    return _emit(state, jnp.take(logits, prompt_len - 1, axis=1), sampler, greedy=greedy)
+    return _emit(state, logits[:, 0], sampler, greedy=greedy)
 
 
 def _weights_for_step(params: Params, step: jax.Array) -> Params:

@@ -38,10 +38,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from gptjax import cli
 from gptjax.config import GPTConfig
-from gptjax.engine import MAX_LOGPROBS, Engine, Request
+from gptjax.engine import MAX_LOGPROBS, Engine, Request, ScoreRequest, split_logprobs
 from gptjax.model import Params
 from gptjax.quantize import WEIGHTS_DTYPES
-from gptjax.tokenizer import get_tokenizer
+from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 CHAT_STOP = "\nUser:"
 STATIC = Path(__file__).parent / "static"
@@ -105,8 +105,9 @@ def parse_sampling(body: dict, cfg: GPTConfig, *, chat: bool) -> Sampling:
     """The sampling fields of a request, each checked, with OpenAI's defaults."""
     max_tokens = _field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                         (int,), 16)
-    if max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
+    echo = False if chat else _field(body, "echo", (bool,), False)
+    if max_tokens < (0 if echo else 1):
+        raise APIError(400, f"'max_tokens' must be at least 1 (0 only with echo), got {max_tokens}", "max_tokens")
     temperature = float(_field(body, "temperature", (int, float), 1.0))
     if not temperature >= 0:
         raise APIError(400, f"'temperature' must be at least 0 (0 is greedy), got {temperature}", "temperature")
@@ -134,7 +135,7 @@ def parse_sampling(body: dict, cfg: GPTConfig, *, chat: bool) -> Sampling:
         raise APIError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
     return Sampling(max_tokens, temperature, top_p, max(top_k, 0), stop + ([CHAT_STOP] if chat else []),
                     random.getrandbits(31) if seed is None else seed, n, _field(body, "stream", (bool,), False),
-                    False if chat else _field(body, "echo", (bool,), False), logprobs,
+                    echo, logprobs,
                     _field(body, "ignore_eos", (bool,), False))
 
 
@@ -185,13 +186,34 @@ class Metrics:
 
 @dataclass
 class Choice:
-    """One generated sequence of a request, filled in by the engine thread."""
+    """One generated sequence of a request, filled in by the engine thread: its tokens and their log-prob
+    entries, and (echo with logprobs) the prompt's entries once scored (None for the first token)."""
 
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     finish: str | None = None
     last: float = 0.0
+    prompt_logprobs: list | None = None
+    scored: bool = True
+
+
+def token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode_single_token_bytes(token).decode("utf-8", errors="replace")
+
+
+def text_offsets(tokenizer, tokens: list[int], start: int, end: int, base: int = 0) -> list[int]:
+    """Where each of tokens[start:end] begins in the decoded text of ``tokens``, plus ``base``."""
+    return [base + len(tokenizer.decode_bytes(tokens[:k]).decode("utf-8", errors="replace")) for k in range(start, end)]
+
+
+def logprobs_block(tokenizer, tokens: list[int], entries: list, offsets: list[int]) -> dict:
+    """OpenAI's completions ``logprobs`` object for ``tokens``; an entry is (log-prob, [(id, log-prob)] of the
+    top ones), or None for a token nothing predicts (a prompt's first)."""
+    return {"tokens": [token_text(tokenizer, t) for t in tokens],
+            "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {token_text(tokenizer, t): v for t, v in e[1]} for e in entries],
+            "text_offset": offsets}
 
 
 class TextTracker:
@@ -269,6 +291,31 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "gptjax",
                                             "context_length": cfg.context_length}]}
 
+    # The tokenizer in vLLM's shapes: lm-evaluation-harness's tokenizer_backend=remote needs nothing else.
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        body = await body_of(request)
+        if not isinstance(body.get("prompt"), str):
+            raise APIError(400, "'prompt' must be a string", "prompt")
+        tokens = tokenizer.encode(body["prompt"], allowed_special={"<|endoftext|>"})  # GPT-2 adds no special tokens
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": cfg.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        body = await body_of(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+        if any(not 0 <= t < cfg.vocab_size for t in tokens):
+            raise APIError(400, f"'tokens' must lie in [0, {cfg.vocab_size})", "tokens")
+        return {"prompt": tokenizer.decode(tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        eot = tokenizer.decode([ENDOFTEXT_ID])
+        return {"tokenizer_class": "GPT2Tokenizer", "eos_token": eot, "bos_token": eot, "unk_token": eot,
+                "pad_token": None, "model_max_length": cfg.context_length, "vocab_size": cfg.vocab_size}
+
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return (STATIC / "index.html").read_text()
@@ -286,8 +333,10 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                            "model_not_found")
         return body
 
-    def submit(prompts: list[list[int]], s: Sampling) -> tuple[list[Choice], list[TextTracker], asyncio.Queue, list]:
-        """Check the lengths and the queue, then hand every choice to the engine."""
+    def submit(prompts: list[list[int]], s: Sampling) -> tuple[list[Choice], list[TextTracker], asyncio.Queue, list,
+                                                               list[ScoreRequest]]:
+        """Check the lengths and the queue, then hand every choice to the engine (its request, or None with
+        max_tokens 0) and every echoed prompt with logprobs to its scorer."""
         for p in prompts:
             if len(p) + s.max_tokens > cfg.context_length:
                 raise APIError(400, f"This model's maximum context length is {cfg.context_length} tokens. However, "
@@ -299,11 +348,26 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                            {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        choices, trackers, requests = [], [], []
+        choices, trackers, requests, scores = [], [], [], []
         for i, p in enumerate(prompts):
-            for j in range(s.n):
+            group = [Choice(p, scored=not (s.echo and s.logprobs is not None and len(p) > 1)) for _ in range(s.n)]
+            if not group[0].scored:
+                first = len(choices)
+
+                def on_scored(info, why=None, group=group, first=first):
+                    for choice in group:
+                        choice.prompt_logprobs = [None] + ([split_logprobs(row, s.logprobs) for row in info]
+                                                           if info is not None else [])
+                        choice.finish = choice.finish if info is not None else (why or "error")
+                        choice.scored = True
+                    for index in range(first, first + len(group)):
+                        loop.call_soon_threadsafe(events.put_nowait, index)
+                scores.append(ScoreRequest(p, on_scored))
+            for choice in group:
                 index = len(choices)
-                choice, tracker = Choice(p), TextTracker(tokenizer, s.stop)
+                tracker = TextTracker(tokenizer, s.stop)
+                if choice.scored and s.echo and s.logprobs is not None:
+                    choice.prompt_logprobs = [None]
 
                 def on_token(token, lp, choice=choice, index=index):
                     # The engine thread: record and signal only; the text is decoded on the event loop.
@@ -322,48 +386,60 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                     choice.finish = reason
                     loop.call_soon_threadsafe(events.put_nowait, index)
 
-                requests.append(Request(p, s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + index, s.logprobs,
-                                        s.ignore_eos, on_token, on_finish,
-                                        should_stop=lambda tracker=tracker: tracker.stopped))
+                if s.max_tokens == 0:
+                    choice.finish = "length"
+                    requests.append(None)
+                else:
+                    requests.append(Request(p, s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + index,
+                                            s.logprobs, s.ignore_eos, on_token, on_finish,
+                                            should_stop=lambda tracker=tracker: tracker.stopped))
                 choices.append(choice)
                 trackers.append(tracker)
         try:
+            for job in scores:
+                engine.score(job)
             for r in requests:
-                engine.submit(r)
-                metrics.prompt_tokens.inc(len(r.prompt))
+                if r is not None:
+                    engine.submit(r)
+            metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * s.n)
         except queue.Full:
-            for r in requests:
-                r.cancelled.set()
+            for r in [*requests, *scores]:
+                if r is not None:
+                    r.cancelled.set()
             raise APIError(429, "the server's queue is full; retry shortly", None, "queue_full", "rate_limit_error",
                            {"Retry-After": "1"}) from None
-        return choices, trackers, events, requests
+        return choices, trackers, events, requests, scores
 
-    async def next_event(events: asyncio.Queue, choices: list[Choice], trackers: list[TextTracker],
-                         requests: list[Request]) -> int:
-        """The next choice with news, its text brought up to date; a stop string found ends its request."""
-        i = await events.get()
-        trackers[i].update(choices[i].tokens)
-        if trackers[i].stopped:
-            requests[i].cancelled.set()
-        return i
+    def refresh(choices: list[Choice], trackers: list[TextTracker], requests: list) -> None:
+        """Every choice's text brought up to date; a stop string found ends its request."""
+        for c, t, r in zip(choices, trackers, requests):
+            t.update(c.tokens)
+            if t.stopped and r is not None:
+                r.cancelled.set()
 
     def is_done(choice: Choice, tracker: TextTracker) -> bool:
-        return choice.finish is not None or tracker.stopped
+        return (choice.finish is not None or tracker.stopped) and choice.scored
 
     def finish_reason(choice: Choice) -> str:
         if choice.finish and choice.finish.startswith("error"):
             raise APIError(500, f"generation failed: {choice.finish}", None, "engine_error", "server_error")
         return "length" if choice.finish == "length" else "stop"
 
-    def logprobs_of(choice: Choice, tracker: TextTracker, s: Sampling, start: int = 0) -> dict | None:
+    def logprobs_of(choice: Choice, tracker: TextTracker, s: Sampling, start: int = 0, base: int = 0) -> dict | None:
+        """The generated tokens' log-probs from ``start``; offsets past ``base`` characters (an echoed prompt)."""
         if s.logprobs is None:
             return None
         entries = choice.logprobs[start: tracker.used]
-        toks = [tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace")
-                for t in choice.tokens[start:start + len(entries)]]
-        return {"tokens": toks, "token_logprobs": [lp for lp, _ in entries],
-                "top_logprobs": [{tokenizer.decode_single_token_bytes(t).decode("utf-8", errors="replace"): v
-                                  for t, v in top} for _, top in entries], "text_offset": []}
+        tokens = choice.tokens[: start + len(entries)]
+        return logprobs_block(tokenizer, tokens[start:], entries, text_offsets(tokenizer, tokens, start, len(tokens), base))
+
+    def prompt_logprobs_of(choice: Choice) -> dict:
+        p = choice.prompt
+        return logprobs_block(tokenizer, p, choice.prompt_logprobs, text_offsets(tokenizer, p, 0, len(p)))
+
+    def joined(*blocks: dict | None) -> dict | None:
+        blocks = [b for b in blocks if b is not None]
+        return {k: [x for b in blocks for x in b[k]] for k in blocks[0]} if blocks else None
 
     def usage(trackers: list[TextTracker], prompts: list[list[int]], s: Sampling) -> dict:
         prompt_tokens = sum(len(p) for p in prompts) * s.n
@@ -372,7 +448,8 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                 "total_tokens": prompt_tokens + completion}
 
     async def run(prompts: list[list[int]], s: Sampling, chat: bool, body: dict):
-        choices, trackers, events, requests = submit(prompts, s)
+        choices, trackers, events, requests, scores = submit(prompts, s)
+        everything = [r for r in [*requests, *scores] if r is not None]
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{random.getrandbits(64):016x}"
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -380,13 +457,14 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
 
         if not s.stream:
             try:
+                refresh(choices, trackers, requests)
                 while not all(is_done(c, t) for c, t in zip(choices, trackers)):
-                    await next_event(events, choices, trackers, requests)
+                    await events.get()
+                    refresh(choices, trackers, requests)
             finally:
-                for r in requests:
+                for r in everything:
                     r.cancelled.set()
-            for c, t in zip(choices, trackers):
-                t.update(c.tokens)
+            refresh(choices, trackers, requests)
             out = []
             for i, (c, t) in enumerate(zip(choices, trackers)):
                 reason = finish_reason(c)
@@ -394,8 +472,9 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                     out.append({"index": i, "message": {"role": "assistant", "content": t.text},
                                 "finish_reason": reason, "logprobs": None})
                 else:
+                    prompt_lp = prompt_logprobs_of(c) if s.echo and s.logprobs is not None else None
                     out.append({"index": i, "text": prefixes[i] + t.text, "finish_reason": reason,
-                                "logprobs": logprobs_of(c, t, s)})
+                                "logprobs": joined(prompt_lp, logprobs_of(c, t, s, base=len(prefixes[i])))})
             return {"id": rid, "object": kind, "created": created, "model": model_name, "choices": out,
                     "usage": usage(trackers, prompts, s)}
 
@@ -412,35 +491,41 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
         async def stream():
             sent = [0] * len(choices)
             lp_sent = [0] * len(choices)
+            echoed = [not s.echo] * len(choices)
             try:
-                for i in range(len(choices)):
-                    if chat:
+                if chat:
+                    for i in range(len(choices)):
                         yield chunk(i, None, None, role=True)
-                    elif s.echo:
-                        yield chunk(i, prefixes[i], None)
                 done = set()
-                while len(done) < len(choices):
-                    i = await next_event(events, choices, trackers, requests)
-                    c, t = choices[i], trackers[i]
-                    if i in done:
-                        continue
-                    final = is_done(c, t)
-                    if final:  # every token is in once the engine finished the choice
-                        t.update(c.tokens)
-                    text = t.stable(final)
-                    if len(text) > sent[i]:
-                        lp = logprobs_of(c, t, s, lp_sent[i])
-                        lp_sent[i] = t.used
-                        yield chunk(i, text[sent[i]:], None, lp)
-                        sent[i] = len(text)
-                    if final:
-                        done.add(i)
-                        yield chunk(i, None if chat else "", finish_reason(c))
+                while True:
+                    # Every choice looked at after each event: a signal is never the only record of news.
+                    refresh(choices, trackers, requests)
+                    for i, (c, t) in enumerate(zip(choices, trackers)):
+                        if i in done or not c.scored:
+                            continue
+                        if not echoed[i]:  # the prompt (and its log-probs) first
+                            echoed[i] = True
+                            yield chunk(i, prefixes[i], None, prompt_logprobs_of(c) if s.logprobs is not None else None)
+                        final = is_done(c, t)
+                        if final:  # every token is in once the engine finished the choice
+                            t.update(c.tokens)
+                        text = t.stable(final)
+                        if len(text) > sent[i]:
+                            lp = logprobs_of(c, t, s, lp_sent[i], base=len(prefixes[i]))
+                            lp_sent[i] = t.used
+                            yield chunk(i, text[sent[i]:], None, lp)
+                            sent[i] = len(text)
+                        if final:
+                            done.add(i)
+                            yield chunk(i, None if chat else "", finish_reason(c))
+                    if len(done) == len(choices):
+                        break
+                    await events.get()
                 if (body.get("stream_options") or {}).get("include_usage"):
                     yield (f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': model_name, 'choices': [], 'usage': usage(trackers, prompts, s)})}\n\n")
                 yield "data: [DONE]\n\n"
             finally:  # a client that went away: free its slots at the next step
-                for r in requests:
+                for r in everything:
                     r.cancelled.set()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
@@ -524,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(params, cfg, model_name=args.weights if cli.is_hub_id_flag(args.weights) else Path(args.weights).resolve().name, max_batch=args.max_batch,
                      weights_dtype=args.weights_dtype, dtype=args.dtype, max_queue=args.max_queue,
                      api_key=args.api_key)
+    # The engine thread wakes from each step needing the GIL for a moment; at Python's default switch interval
+    # (5 ms) it can wait that long behind the event loop, a sixth of a 124M model's step.
+    sys.setswitchinterval(0.0005)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.grace_seconds)
     Server(config).run()
