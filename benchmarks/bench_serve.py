@@ -24,13 +24,21 @@ vendored in llama-cpp-python 0.3.36's source package,
 ``--long-prompt``: 7 greedy streams decoding while a 900-token prompt arrives; the 7 streams' inter-token
 latency p50 / p99 during its prefill, against the same without it.
 
+``--soak N``: instead of the table, N requests over about ``--soak-minutes`` from 8 client threads against
+gptjax.serve (float32): mixed prompt and answer lengths, greedy and sampled, streamed or not, some clients
+disconnecting mid-stream and some requests malformed. Reported: every finished greedy answer against
+``gptjax.generate``'s, the active slots at the end (``/metrics``), the server's resident memory growth, and
+any traceback in its log (``results/serve_soak.json``).
+
     python benchmarks/bench_serve.py --llama-server PATH                 # the issue's table: ~25 minutes
+    python benchmarks/bench_serve.py --soak 2000 --soak-minutes 10       # the soak run
     python benchmarks/bench_serve.py --quick                             # a tiny model, gptjax only: seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import socket
@@ -52,7 +60,7 @@ from gptjax import GPTConfig  # noqa: E402
 from gptjax.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-GGUF_TYPES = {"f32": "f32", "q8_0": "q8_0"}
+TINY = GPTConfig(vocab_size=50257, context_length=256, emb_dim=32, n_layers=2, n_heads=2)  # --config tiny
 
 
 def free_port() -> int:
@@ -140,6 +148,79 @@ def long_prompt_case(url: str, max_tokens: int, prompt_len: int) -> dict:
             "itl_during_max_ms": 1e3 * max(during) if during else None}
 
 
+def soak(url: str, proc: subprocess.Popen, params, cfg: GPTConfig, total: int, minutes: float) -> dict:
+    """``total`` requests spread over ``minutes`` from 8 threads; see the module docstring."""
+    rng = np.random.default_rng(0)
+    tok = gptjax.get_tokenizer()
+    greedy_pool = [(f"Soak prompt {i}: " + "every effort " * int(rng.integers(1, 40)), int(rng.integers(1, 60)))
+                   for i in range(24)]
+    expected = {}
+    for prompt, n in greedy_pool:
+        ids = tok.encode(prompt)
+        out = generate(params, cfg, np.array([ids]), n, eos_id=50256)[0, len(ids):].tolist()
+        expected[(prompt, n)] = tok.decode(out[: out.index(50256)] if 50256 in out else out)
+    rss = lambda: int(next(line.split()[1] for line in open(f"/proc/{proc.pid}/status")  # noqa: E731
+                           if line.startswith("VmRSS"))) * 1024
+    rss_start, counts, mismatches, lock = rss(), collections.Counter(), [], threading.Lock()
+    interval = 60 * minutes / total * 8
+
+    def one(i: int, rng: np.random.Generator) -> None:
+        kind = rng.choice(["greedy", "sampled", "disconnect", "malformed"], p=[0.5, 0.3, 0.1, 0.1])
+        if kind == "malformed":
+            body = rng.choice([b"{not json", json.dumps({"prompt": "x", "max_tokens": -3}).encode(),
+                               json.dumps({"prompt": "x", "temperature": "hot"}).encode()])
+            status = httpx.post(url + "/v1/completions", content=body, timeout=60).status_code
+            with lock:
+                counts["malformed_" + ("400" if status == 400 else str(status))] += 1
+            return
+        if kind == "greedy":
+            prompt, n = greedy_pool[int(rng.integers(len(greedy_pool)))]
+            stream = bool(rng.integers(2))
+            body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": stream}
+            if stream:
+                with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+                    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+                text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+            else:
+                text = httpx.post(url + "/v1/completions", json=body, timeout=600).json()["choices"][0]["text"]
+            with lock:
+                counts["greedy"] += 1
+                if text != expected[(prompt, n)]:
+                    mismatches.append({"prompt": prompt, "max_tokens": n, "got": text,
+                                       "expected": expected[(prompt, n)]})
+            return
+        body = {"prompt": "Sampled " * int(rng.integers(1, 100)), "max_tokens": int(rng.integers(1, 120)),
+                "temperature": float(rng.uniform(0.3, 1.5)), "top_k": int(rng.integers(0, 100)),
+                "top_p": float(rng.uniform(0.5, 1.0)), "seed": i, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+            for k, _ in enumerate(r.iter_lines()):
+                if kind == "disconnect" and k >= 3:
+                    break  # the client goes away mid-stream
+        with lock:
+            counts[kind] += 1
+
+    def worker(w: int) -> None:
+        rng = np.random.default_rng(1 + w)  # a generator per thread: they are not thread-safe
+        for i in range(w, total, 8):
+            start = time.perf_counter()
+            one(i, rng)
+            time.sleep(max(0.0, interval * float(rng.uniform(0, 2)) - (time.perf_counter() - start)))
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    time.sleep(2)
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    active = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("gptjax_active_slots")))
+    return {"requests": total, "seconds": seconds, "by_kind": dict(counts), "greedy_mismatches": mismatches,
+            "active_slots_at_end": active, "rss_start_bytes": rss_start, "rss_end_bytes": rss(),
+            "rss_growth_bytes": rss() - rss_start}
+
+
 def start_server(kind: str, variant: str, weights: Path, cfg: GPTConfig, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     if kind == "gptjax":
@@ -152,7 +233,8 @@ def start_server(kind: str, variant: str, weights: Path, cfg: GPTConfig, args) -
         cmd = [args.llama_server, "-m", str(gguf), "--port", str(port), "-np", str(args.max_batch), "-cb",
                "-c", str(args.max_batch * cfg.context_length), "-t", str(os.cpu_count()), "--no-webui",
                "--log-disable"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(weights.parent / f"{kind}-{variant}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900
     while time.time() < deadline:
@@ -195,7 +277,8 @@ def _timed(fn) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny model and few tokens: checks the script runs")
-    p.add_argument("--config", default="gpt2-small", help="the served shape (default: gpt2-small)")
+    p.add_argument("--config", default="gpt2-small", help="the served shape: a gptjax preset, or tiny (2 layers, "
+                   "width 32, context 256) (default: gpt2-small)")
     p.add_argument("--servers", nargs="+", default=["gptjax:float32", "gptjax:int8", "llama:f32", "llama:q8_0"])
     p.add_argument("--samplers", nargs="+", choices=["greedy", "top-k"], default=["greedy", "top-k"])
     p.add_argument("--top-k", type=int, default=40, help="the sampled rows' top-k, at temperature 0.8 (default 40)")
@@ -207,18 +290,35 @@ def main() -> None:
                    help="the long-prompt case's prompt length (0: skip it; default: 900)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), metavar="PATH",
                    help="the llama-server binary (default: $LLAMA_SERVER); llama rows are skipped without it")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
+    p.add_argument("--soak", type=int, default=0, metavar="N", help="run the soak test with N requests instead")
+    p.add_argument("--soak-minutes", type=float, default=10.0)
+    p.add_argument("--out", default=None, help="results JSON (default: results/serve.json, or serve_soak.json)")
     args = p.parse_args()
+    out = args.out or str(ROOT / "benchmarks" / "results" / ("serve_soak.json" if args.soak else "serve.json"))
     if args.quick:
-        cfg = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2)
-        args.servers, args.max_tokens, args.long_prompt = ["gptjax:float32"], 16, 40
-    else:
-        cfg = gptjax.get_config(args.config)
+        args.config, args.servers, args.max_tokens, args.long_prompt = "tiny", ["gptjax:float32"], 16, 200
+    cfg = TINY if args.config == "tiny" else gptjax.get_config(args.config)
     servers = [s.split(":") for s in args.servers if not (s.startswith("llama") and not args.llama_server)]
     samplers = {"greedy": {"temperature": 0}, "top-k": {"temperature": 0.8, "top_k": args.top_k}}
     samplers = {name: samplers[name] for name in args.samplers}
 
     params = gptjax.init_params(cfg, seed=0)
+    if args.soak:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / "model"
+            gptjax.save_weights(params, cfg, weights)
+            proc, url = start_server("gptjax", "float32", weights, cfg, args)
+            try:
+                result = soak(url, proc, params, cfg, args.soak, args.soak_minutes)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=120)
+            log = (Path(tmp) / "gptjax-float32.log").read_text()
+        result["log_errors"] = [line for line in log.splitlines() if "Traceback" in line or "ERROR" in line]
+        print(json.dumps({k: v for k, v in result.items() if k != "greedy_mismatches"}, indent=1),
+              f"greedy mismatches: {len(result['greedy_mismatches'])}")
+        write_json(out, {"machine": machine_info(), "config": args.config, **result})
+        return
     dtypes = sorted({v for k, v in servers if k == "gptjax"})
     baselines = generate_baselines(params, cfg, dtypes, samplers, args.max_tokens)
     rows, long_rows = [], []
@@ -246,7 +346,7 @@ def main() -> None:
                        ("clients", "clients", "d"), ("tokens_s", "tokens/s", ".1f"),
                        ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
                        ("itl_p50_ms", "ITL p50 ms", ".1f"), ("itl_p99_ms", "ITL p99 ms", ".1f")])
-    write_json(args.out, {"machine": machine_info(), "config": "tiny" if args.quick else args.config,
+    write_json(out, {"machine": machine_info(), "config": args.config,
                           "max_batch": args.max_batch, "max_tokens": args.max_tokens, "top_k": args.top_k,
                           "generate": baselines, "rows": rows, "long_prompt": long_rows})
 

@@ -32,9 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# The most rows of activations the model sends through weights_matmul: past that, XLA's GEMM (on the
-# widened kernel) is faster. The kernel itself takes any number (a vmapped decode step passes more).
+# The most rows of activations the model sends through weights_matmul from float32 weights: past that, XLA's
+# GEMM is faster. From bfloat16 / int8 weights XLA first widens the whole kernel, which costs more than this
+# kernel's arithmetic up to MAX_STORED_ROWS (a prompt chunk of gpt2-small from int8: 16 rows 72 ms against
+# XLA's 190, 64 rows 213 against 293; benchmarks/NOTES.md).
 MAX_ROWS = 8
+MAX_STORED_ROWS = 64
 ISAS = ("auto", "avx512", "avx2", "portable")  # gptjax::Isa in tasks.h, in its order
 _LIBRARY = "gptjax._cpu_kernels"
 _TARGETS = {"bfloat16": ("gptjax_matmul_bf16", "GptjaxMatmulBf16"), "int8": ("gptjax_matmul_int8", "GptjaxMatmulInt8"),
@@ -85,14 +88,16 @@ def _check_available() -> None:
 def weights_matmul(x: jax.Array, values: jax.Array, scale: jax.Array | None = None, *,
                    isa: str = "auto") -> jax.Array:
     """``x @ values`` (times ``scale`` per column for int8) in float32, for x [rows, k] float32 with
-    rows <= MAX_ROWS and values [k, n] float32 or bfloat16 (no scale) or int8 (with its [n] float32 scale).
+    rows <= MAX_ROWS (float32 values) or MAX_STORED_ROWS (bfloat16, int8) and values [k, n] float32 or
+    bfloat16 (no scale) or int8 (with its [n] float32 scale).
 
     Only for programs lowered for the CPU, and only where :func:`unavailable` is None. Under ``jax.vmap``
     of the activations (the weights unbatched), the mapped rows are more rows of the same call. Not
     differentiable (:func:`gptjax.platform.float32_weights_matmul` is)."""
     _check_available()
-    if x.ndim != 2 or x.shape[0] > MAX_ROWS or x.dtype != jnp.float32:
-        raise ValueError(f"weights_matmul needs float32 x of shape [rows <= {MAX_ROWS}, k], got {x.dtype}{x.shape}")
+    most = MAX_ROWS if values.dtype == jnp.float32 else MAX_STORED_ROWS
+    if x.ndim != 2 or x.shape[0] > most or x.dtype != jnp.float32:
+        raise ValueError(f"weights_matmul needs float32 x of shape [rows <= {most}, k], got {x.dtype}{x.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32)
     if values.dtype == jnp.int8:
         if scale is None:

@@ -17,7 +17,8 @@ block input, backward  barrier (conditional)  plain                     plain
 gradient norm          matrix-vector products reductions                reductions
 attention, no dropout  blocked, own backward  cuDNN flash (bf16/fp16)   XLA
 Linear, <= 8 rows      compiled kernel,       XLA's dot (bf16 / int8    XLA's dot (bf16 / int8
-(a decode step)        weights as stored      widened first)            widened first)
+(a decode step; bf16   weights as stored      widened first)            widened first)
+/ int8: <= 64 rows)
 Linear, more rows      XLA's dot (bf16 /      the same                  the same
                        int8 widened first)
 KV cache, 1 new token  compiled kernel,       XLA (update, attend)      XLA (update, attend)
@@ -143,7 +144,7 @@ def compiled_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Ar
 
 def stored_weights_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Array:
     """``x @ W`` in float32 for a stored bfloat16 or int8 kernel standing for W."""
-    if math.prod(x.shape[:-1]) > cpu_kernels.MAX_ROWS or cpu_kernels.unavailable() is not None:
+    if math.prod(x.shape[:-1]) > cpu_kernels.MAX_STORED_ROWS or cpu_kernels.unavailable() is not None:
         return widened_matmul(x, kernel)
     return _cpu_or_accelerator(x, cpu=lambda x: compiled_matmul(x, kernel),
                                accelerator=lambda x: widened_matmul(x, kernel))

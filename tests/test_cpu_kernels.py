@@ -68,6 +68,9 @@ def test_simd_loops_agree_bit_for_bit():
 def test_refuses_what_it_cannot_compute():
     x = jnp.ones((cpu_kernels.MAX_ROWS + 1, 4))
     with pytest.raises(ValueError, match=r"float32 x of shape \[rows <= 8, k\]"):
+        cpu_kernels.weights_matmul(x, jnp.ones((4, 3), jnp.float32))
+    x = jnp.ones((cpu_kernels.MAX_STORED_ROWS + 1, 4))
+    with pytest.raises(ValueError, match=r"float32 x of shape \[rows <= 64, k\]"):
         cpu_kernels.weights_matmul(x, jnp.ones((4, 3), jnp.bfloat16))
     with pytest.raises(ValueError, match="need their per-column scale"):
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.int8))
@@ -145,16 +148,17 @@ def test_accelerator_programs_keep_xla_attention():
 
 @pytest.mark.parametrize("weights_dtype", ["bfloat16", "int8"])
 def test_model_runs_on_stored_weights(weights_dtype):
-    """One token (a decode step) goes through the kernel, a prompt through XLA's dot on the widened
-    kernel; both give the logits of the dequantized float32 tree."""
+    """One token (a decode step) and a prompt chunk of up to MAX_STORED_ROWS tokens go through the kernel,
+    a longer prompt through XLA's dot on the widened kernel; all give the logits of the dequantized float32
+    tree."""
     params = quantize_params(gptjax.init_params(CFG, seed=0), weights_dtype)
     reference = dequantize_params(params)
-    for ids in (jnp.array([[5]]), jnp.arange(20).reshape(2, 10)):
+    inputs = (jnp.array([[5]]), jnp.arange(20).reshape(2, 10), jnp.arange(96).reshape(3, 32) % CFG.vocab_size)
+    for ids in inputs:
         np.testing.assert_allclose(gptjax.apply(params, CFG, ids), gptjax.apply(reference, CFG, ids), atol=2e-5)
-    step, prompt = (jax.jit(lambda p, x: gptjax.apply(p, CFG, x)).lower(params, ids).as_text()
-                    for ids in (jnp.array([[5]]), jnp.arange(20).reshape(2, 10)))
+    step, chunk, prompt = (jax.jit(lambda p, x: gptjax.apply(p, CFG, x)).lower(params, ids).as_text() for ids in inputs)
     n_kernels = 6 * CFG.n_layers + 1
-    assert step.count(f"@{CUSTOM_CALL}") == n_kernels  # every Linear layer, out_head included
+    assert step.count(f"@{CUSTOM_CALL}") == chunk.count(f"@{CUSTOM_CALL}") == n_kernels  # out_head included
     assert CUSTOM_CALL not in prompt
 
 
@@ -217,9 +221,9 @@ def test_mixed_precision_keeps_bfloat16_kernels_ordinary():
 
 
 def test_stored_weights_matmul_shapes():
-    """Batch dimensions around the rows, and both paths (kernel up to MAX_ROWS rows, widened above)."""
+    """Batch dimensions around the rows, and both paths (kernel up to MAX_STORED_ROWS rows, widened above)."""
     q = quantize_kernel(jax.random.normal(jax.random.key(0), (24, 7)))
-    for shape in ((1, 1, 24), (2, 4, 24), (3, 5, 24)):
+    for shape in ((1, 1, 24), (2, 4, 24), (3, 5, 24), (5, 13, 24)):
         x = jax.random.normal(jax.random.key(1), shape)
         got = platform.stored_weights_matmul(x, q)
         assert got.shape == shape[:-1] + (7,)

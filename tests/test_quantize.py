@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gptjax
-from gptjax import GPTConfig
+from gptjax import GPTConfig, cpu_kernels
 from gptjax.data import create_dataloader, split_text
 from gptjax.generate import main
 from gptjax.quantize import (
@@ -95,12 +95,12 @@ def test_decode_steps_read_the_stored_weights():
 
 
 def test_widened_decode_steps_widen_inside_the_loop():
-    """Past 8 rows each step widens the kernels for XLA's dot; no float32 copy of a kernel is made outside
-    the decode loops (XLA would hoist it there and keep it for the whole decode): the compiled program's
-    entry holds out_head only as int8."""
+    """Past MAX_STORED_ROWS rows each step widens the kernels for XLA's dot; no float32 copy of a kernel is
+    made outside the decode loops (XLA would hoist it there and keep it for the whole decode): the compiled
+    program's entry holds out_head only as int8."""
     cfg = CFG.replace(vocab_size=101)
     params = jax.eval_shape(lambda p: quantize_params(p, "int8"), gptjax.abstract_params(cfg))
-    hlo = compiled_decode(cfg, params, batch=9)
+    hlo = compiled_decode(cfg, params, batch=cpu_kernels.MAX_STORED_ROWS + 1)
     entry = hlo[hlo.index("\nENTRY"):]
     head = f"[{cfg.emb_dim},{cfg.vocab_size}]"
     assert "s8" + head in entry and "f32" + head not in entry
