@@ -124,8 +124,8 @@ def main() -> None:
                     time.sleep(0.5)
             # The scoring passes compile on first use: warm every padded width and row count the task can hit.
             for n in (16, 32, 64):
-                for rows in (1, 2, 4, 8, 16):
-                    httpx.post(url + "/v1/completions", json={"prompt": [[0] * n] * rows, "echo": True,
+                for count in (1, 2, 4, 8, 16):
+                    httpx.post(url + "/v1/completions", json={"prompt": [[0] * n] * count, "echo": True,
                                                               "logprobs": 1, "max_tokens": 0}, timeout=600)
             served, served_s = run("local-completions", f"model=model,base_url={url}/v1/completions,"
                                    f"max_length={cfg.context_length},tokenizer_backend=remote,"

@@ -78,9 +78,10 @@ class Request:
 
 @dataclass
 class ScoreRequest:
-    """A prompt to score: ``on_done(info)`` gets, for each position 1.. of the prompt, the log-prob block of
-    that token given the ones before it ([len(prompt) - 1, 1 + 2 * MAX_LOGPROBS], see ``split_logprobs``),
-    or ``on_done(None, reason)`` when it failed ("error: ...") or was cancelled."""
+    """A prompt to score: ``on_done(info)`` gets, for each position of the prompt, the log-prob block of the
+    token after it ([len(prompt), 1 + 2 * MAX_LOGPROBS], see ``split_logprobs``): rows 0..n-2 for the prompt's
+    own tokens 1..n-1, and the last row's top entries for what would follow the prompt (its first number is
+    meaningless); ``on_done(None, reason)`` when it failed ("error: ...") or was cancelled."""
 
     prompt: list[int]
     on_done: Callable[..., None]
@@ -100,7 +101,7 @@ def _logprob_info(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 def _score_pass(params: Params, cfg: GPTConfig, tokens: jax.Array, *, dtype: str) -> jax.Array:
     """Every position's next-token log-prob block of padded prompts [rows, width]: one forward pass."""
     logits = apply(params, cfg, tokens, dtype=jnp.dtype(dtype))
-    return _logprob_info(logits[:, :-1], tokens[:, 1:])
+    return _logprob_info(logits, jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))))
 
 
 class Rows(NamedTuple):
@@ -186,7 +187,7 @@ class Engine:
         self.params = quantize_params(params, weights_dtype)
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.scoring: queue.Queue[ScoreRequest] = queue.Queue(maxsize=max_queue)
-        self._held: ScoreRequest | None = None  # taken from the queue, too long for the last pass
+        self._unscored: list[ScoreRequest] = []  # taken from the queue, not yet in a pass
         self.on_step = on_step
         self.cache = init_cache(cfg, max_batch)
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -237,8 +238,8 @@ class Engine:
 
     def score(self, request: ScoreRequest) -> None:
         """Queue a prompt for scoring (one forward pass, no decode slot); ``queue.Full`` beyond max_queue."""
-        if not 2 <= len(request.prompt) <= self.cfg.context_length:
-            raise ValueError(f"a scored prompt needs 2 to {self.cfg.context_length} tokens, got {len(request.prompt)}")
+        if not 1 <= len(request.prompt) <= self.cfg.context_length:
+            raise ValueError(f"a scored prompt needs 1 to {self.cfg.context_length} tokens, got {len(request.prompt)}")
         self.scoring.put_nowait(request)
         self._wake.set()
 
@@ -246,7 +247,7 @@ class Engine:
         return sum(s is not None for s in self.slots)
 
     def idle(self) -> bool:
-        return self.active() == 0 and self.waiting.empty() and self.scoring.empty() and self._held is None
+        return self.active() == 0 and self.waiting.empty() and self.scoring.empty() and not self._unscored
 
     # --- the engine thread -----------------------------------------------------------------------------
 
@@ -339,32 +340,24 @@ class Engine:
             self.on_step(self.active(), self.waiting.qsize())
 
     def _score_round(self) -> None:
-        """One scoring pass: waiting prompts padded to the first one's bucket, as many as SCORE_TOKENS allows,
-        in a power-of-two number of rows."""
-        jobs: list[ScoreRequest] = []
-        width = rows = 0
+        """One scoring pass over the longest waiting prompts, padded to the longest one's bucket, as many as
+        SCORE_TOKENS allows, in a power-of-two number of rows: sorted by length, a pass holds prompts of
+        similar lengths, and prompts of one request and of concurrent ones share passes."""
         while True:
-            job, self._held = self._held, None
-            if job is None:
-                try:
-                    job = self.scoring.get_nowait()
-                except queue.Empty:
-                    break
-            if job.cancelled.is_set():
-                job.on_done(None, "cancelled")
-                continue
-            if not jobs:
-                width = _bucket(len(job.prompt), cap=self.cfg.context_length)
-                rows = max(1, SCORE_TOKENS // width)
-            elif len(job.prompt) > width:
-                self._held = job
+            try:
+                self._unscored.append(self.scoring.get_nowait())
+            except queue.Empty:
                 break
-            jobs.append(job)
-            if len(jobs) == rows:
-                break
-        if not jobs:
+        for job in [j for j in self._unscored if j.cancelled.is_set()]:
+            self._unscored.remove(job)
+            job.on_done(None, "cancelled")
+        if not self._unscored:
             return
-        tokens = np.zeros((next(b for b in batch_buckets(rows) if b >= len(jobs)), width), np.int32)
+        self._unscored.sort(key=lambda j: len(j.prompt), reverse=True)
+        width = _bucket(len(self._unscored[0].prompt), cap=self.cfg.context_length)
+        jobs = self._unscored[: max(1, SCORE_TOKENS // width)]
+        del self._unscored[: len(jobs)]
+        tokens = np.zeros((1 << (len(jobs) - 1).bit_length(), width), np.int32)
         for i, job in enumerate(jobs):
             tokens[i, : len(job.prompt)] = job.prompt
         try:
@@ -374,7 +367,7 @@ class Engine:
                 job.on_done(None, f"error: {e}")
             return
         for i, job in enumerate(jobs):
-            job.on_done(info[i, : len(job.prompt) - 1])
+            job.on_done(info[i, : len(job.prompt)])
 
     def _cancel_requested(self) -> None:
         for index, s in enumerate(self.slots):
@@ -388,7 +381,7 @@ class Engine:
             self._cancel_requested()
             prefilling = any(s is not None and not s.decoding for s in self.slots)
             joining = not self.waiting.empty() and None in self.slots
-            scoring = self._held is not None or not self.scoring.empty()
+            scoring = bool(self._unscored) or not self.scoring.empty()
             if self._changed or prefilling or joining or scoring:
                 while inflight:
                     self._process(*inflight.popleft())

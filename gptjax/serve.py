@@ -349,16 +349,23 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         choices, trackers, requests, scores = [], [], [], []
+        scoring = s.echo and s.logprobs is not None
+        # lm_eval's loglikelihood request (echo, logprobs, one greedy token): the scoring pass's last logits
+        # give that token too, so no decode slot is involved.
+        one_greedy = scoring and s.max_tokens == 1 and s.temperature == 0
         for i, p in enumerate(prompts):
-            group = [Choice(p, scored=not (s.echo and s.logprobs is not None and len(p) > 1)) for _ in range(s.n)]
-            if not group[0].scored:
+            group = [Choice(p, scored=not scoring) for _ in range(s.n)]
+            if scoring:
                 first = len(choices)
 
                 def on_scored(info, why=None, group=group, first=first):
                     for choice in group:
-                        choice.prompt_logprobs = [None] + ([split_logprobs(row, s.logprobs) for row in info]
-                                                           if info is not None else [])
-                        choice.finish = choice.finish if info is not None else (why or "error")
+                        if info is None:
+                            choice.finish = choice.finish or why or "error"
+                        else:
+                            choice.prompt_logprobs = [None] + [split_logprobs(row, s.logprobs) for row in info[:-1]]
+                            if one_greedy:
+                                greedy_token(choice, info[-1], s)
                         choice.scored = True
                     for index in range(first, first + len(group)):
                         loop.call_soon_threadsafe(events.put_nowait, index)
@@ -366,8 +373,6 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
             for choice in group:
                 index = len(choices)
                 tracker = TextTracker(tokenizer, s.stop)
-                if choice.scored and s.echo and s.logprobs is not None:
-                    choice.prompt_logprobs = [None]
 
                 def on_token(token, lp, choice=choice, index=index):
                     # The engine thread: record and signal only; the text is decoded on the event loop.
@@ -386,8 +391,8 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                     choice.finish = reason
                     loop.call_soon_threadsafe(events.put_nowait, index)
 
-                if s.max_tokens == 0:
-                    choice.finish = "length"
+                if s.max_tokens == 0 or one_greedy:
+                    choice.finish = "length" if s.max_tokens == 0 else None
                     requests.append(None)
                 else:
                     requests.append(Request(p, s.max_tokens, s.temperature, s.top_k, s.top_p, s.seed + index,
@@ -409,6 +414,17 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
             raise APIError(429, "the server's queue is full; retry shortly", None, "queue_full", "rate_limit_error",
                            {"Retry-After": "1"}) from None
         return choices, trackers, events, requests, scores
+
+    def greedy_token(choice: Choice, info, s: Sampling) -> None:
+        """The argmax after the prompt, from a scoring pass's last log-prob block, as the choice's one token."""
+        token = int(info[1 + MAX_LOGPROBS])  # the first of the top ids
+        if token == ENDOFTEXT_ID and not s.ignore_eos:
+            choice.finish = "stop"
+            return
+        choice.logprobs.append((float(info[1]), split_logprobs(info, s.logprobs)[1]))
+        choice.tokens.append(token)
+        metrics.generated_tokens.inc()
+        choice.finish = "length"
 
     def refresh(choices: list[Choice], trackers: list[TextTracker], requests: list) -> None:
         """Every choice's text brought up to date; a stop string found ends its request."""
