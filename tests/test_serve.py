@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jax
 import numpy as np
 import pytest
 
@@ -121,6 +122,54 @@ def test_echo_stop_n_and_logprobs(client, weights):
         assert token in top
 
 
+def test_echo_with_logprobs_scores_the_prompt(server, weights):
+    """echo + logprobs: the prompt's entries first (the first null), each the model's log-prob of that token
+    after the ones before (gptjax.apply), then the generated ones; max_tokens 0 scores without generating;
+    streamed, the first chunk carries the prompt and its entries; lm_eval's request shape is answered."""
+    tok = gptjax.get_tokenizer()
+    prompt = "Every effort moves you"
+    ids = tok.encode(prompt)
+    logp = np.asarray(jax.nn.log_softmax(gptjax.apply(weights[1], CFG, np.array([ids])), axis=-1))[0]
+    want = [None] + [float(logp[i - 1, t]) for i, t in enumerate(ids) if i > 0]
+    scored = post(server, "/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 0}).json()
+    choice = scored["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length" and scored["usage"]["completion_tokens"] == 0
+    got = choice["logprobs"]["token_logprobs"]
+    assert got[0] is None and np.allclose(got[1:], want[1:], atol=1e-5)
+    assert choice["logprobs"]["tokens"] == [tok.decode([t]) for t in ids]
+    assert choice["logprobs"]["text_offset"] == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    assert all(len(top) == 2 for top in choice["logprobs"]["top_logprobs"][1:])
+    greedy = reference(weights[1], prompt, 3)
+    both = post(server, "/v1/completions", {"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 3,
+                                            "temperature": 0}).json()["choices"][0]
+    assert both["text"] == prompt + greedy and len(both["logprobs"]["token_logprobs"]) == len(ids) + 3
+    assert np.allclose(both["logprobs"]["token_logprobs"][1:len(ids)], want[1:], atol=1e-5)
+    # lm_eval's loglikelihood request: token-id prompts, one greedy token, its log-prob the top one.
+    batch = post(server, "/v1/completions", {"prompt": [ids, ids[:2]], "echo": True, "logprobs": 1, "max_tokens": 1,
+                                             "temperature": 0, "seed": 1234}).json()["choices"]
+    assert [len(c["logprobs"]["token_logprobs"]) for c in batch] == [len(ids) + 1, 3]
+    assert batch[0]["text"] == prompt + reference(weights[1], prompt, 1)
+    last, top = batch[0]["logprobs"]["token_logprobs"][-1], batch[0]["logprobs"]["top_logprobs"][-1]
+    assert last == max(top.values())
+    with httpx.stream("POST", server[1] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 2, "stream": True}) as r:
+        first = next(json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {"))
+    assert first["choices"][0]["text"] == prompt
+    assert np.allclose(first["choices"][0]["logprobs"]["token_logprobs"][1:], want[1:], atol=1e-5)
+
+
+def test_tokenizer_endpoints_in_vllms_shapes(server):
+    tok = gptjax.get_tokenizer()
+    r = post(server, "/tokenize", {"prompt": "Hello world<|endoftext|>", "add_special_tokens": False}).json()
+    assert r == {"tokens": tok.encode("Hello world<|endoftext|>", allowed_special="all"), "count": 3,
+                 "max_model_len": CFG.context_length}
+    assert post(server, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "Hello world<|endoftext|>"}
+    bad = post(server, "/detokenize", {"tokens": [1, CFG.vocab_size]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    info = httpx.get(server[1] + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == CFG.context_length
+
+
 def test_models_health_metrics(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"] and models[0].model_extra["context_length"] == CFG.context_length
@@ -222,8 +271,16 @@ def page(server):
         browser.close()
 
 
+def slow_network(page) -> None:
+    """The tiny model streams its tokens in milliseconds, so the browser would read them in one or two pieces:
+    a slow network (2 kB/s) makes a stream last seconds, as a real model's does."""
+    page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": 2000, "uploadThroughput": 100000})
+
+
 def test_the_page_streams_a_continuation_in_a_real_browser(page, weights):
     page.wait_for_function("document.querySelector('#model').textContent.startsWith('tiny')")
+    slow_network(page)
     # Count the text changes of the output box: streamed text arrives in several of them.
     page.evaluate("""() => { window.changes = 0; new MutationObserver(() => window.changes++)
                      .observe(document.querySelector('#out'), {childList: true, characterData: true, subtree: true}); }""")
@@ -238,9 +295,7 @@ def test_the_page_streams_a_continuation_in_a_real_browser(page, weights):
 
 
 def test_the_pages_stop_button_ends_the_stream(page, server):
-    # The tiny model streams its 60 tokens in milliseconds: a slow network keeps the stream open for the click.
-    page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
-        "offline": False, "latency": 0, "downloadThroughput": 2000, "uploadThroughput": 100000})
+    slow_network(page)  # the stream stays open for the click
     page.fill("#prompt", "x")
     page.fill("#temperature", "1")
     page.fill("#max_tokens", "60")
