@@ -124,6 +124,13 @@ def _sample(logits: jax.Array, key_data: jax.Array, position: jax.Array, tempera
     return token, _logprob_info(logits, token)
 
 
+@jax.jit
+def _request_key(seed: jax.Array) -> jax.Array:
+    """The key data a request with ``seed`` samples with: row 0's of ``generate(..., rng=seed)`` (one compiled
+    call per admitted request rather than a handful of eager ones on the engine thread)."""
+    return jax.random.key_data(row_keys(jax.random.key(seed), 1)[0])
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype", "logprobs"), donate_argnames=("cache",))
 def _decode_step(params: Params, cfg: GPTConfig, cache: list, rows: Rows, *, dtype: str, logprobs: bool):
     """One token for every row: (the cache, the rows advanced, the tokens, their log-prob blocks or None)."""
@@ -296,7 +303,7 @@ class Engine:
                     r.on_finish("cancelled")
                     continue
                 try:
-                    key = np.asarray(jax.random.key_data(row_keys(jax.random.key(r.seed), 1)[0]), np.uint32)
+                    key = np.asarray(_request_key(r.seed), np.uint32)
                 except (OverflowError, TypeError, ValueError) as e:  # a seed jax cannot take
                     r.on_finish(f"error: {e}")
                     continue

@@ -244,6 +244,49 @@ class TextTracker:
         return text[: max(0, len(text) - hold)]
 
 
+def greedy_token(choice: Choice, info, s: Sampling) -> bool:
+    """The argmax after the prompt, from a scoring pass's last log-prob block, as the choice's one token
+    (False: it was the end of text, which ends the choice without a token)."""
+    token = int(info[1 + MAX_LOGPROBS])  # the first of the top ids
+    if token == ENDOFTEXT_ID and not s.ignore_eos:
+        choice.finish = "stop"
+        return False
+    choice.logprobs.append((float(info[1]), split_logprobs(info, s.logprobs)[1]))
+    choice.tokens.append(token)
+    choice.finish = "length"
+    return True
+
+
+def refresh(choices: list[Choice], trackers: list[TextTracker], requests: list) -> None:
+    """Every choice's text brought up to date; a stop string found ends its request."""
+    for c, t, r in zip(choices, trackers, requests):
+        t.update(c.tokens)
+        if t.stopped and r is not None:
+            r.cancelled.set()
+
+
+def is_done(choice: Choice, tracker: TextTracker) -> bool:
+    return (choice.finish is not None or tracker.stopped) and choice.scored
+
+
+def finish_reason(choice: Choice) -> str:
+    if choice.finish and choice.finish.startswith("error"):
+        raise APIError(500, f"generation failed: {choice.finish}", None, "engine_error", "server_error")
+    return "length" if choice.finish == "length" else "stop"
+
+
+def joined(*blocks: dict | None) -> dict | None:
+    """Log-prob objects one after another (an echoed prompt's, then the generated tokens')."""
+    blocks = [b for b in blocks if b is not None]
+    return {k: [x for b in blocks for x in b[k]] for k in blocks[0]} if blocks else None
+
+
+def usage(trackers: list[TextTracker], prompts: list[list[int]], s: Sampling) -> dict:
+    prompt_tokens = sum(len(p) for p in prompts) * s.n
+    completion = sum(t.used for t in trackers)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
 def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", max_batch: int = 8,
                weights_dtype: str = "float32", dtype: str = "float32", max_queue: int = 64,
                api_key: str | None = None) -> FastAPI:
@@ -364,8 +407,8 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                             choice.finish = choice.finish or why or "error"
                         else:
                             choice.prompt_logprobs = [None] + [split_logprobs(row, s.logprobs) for row in info[:-1]]
-                            if one_greedy:
-                                greedy_token(choice, info[-1], s)
+                            if one_greedy and greedy_token(choice, info[-1], s):
+                                metrics.generated_tokens.inc()
                         choice.scored = True
                     for index in range(first, first + len(group)):
                         loop.call_soon_threadsafe(events.put_nowait, index)
@@ -415,32 +458,6 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
                            {"Retry-After": "1"}) from None
         return choices, trackers, events, requests, scores
 
-    def greedy_token(choice: Choice, info, s: Sampling) -> None:
-        """The argmax after the prompt, from a scoring pass's last log-prob block, as the choice's one token."""
-        token = int(info[1 + MAX_LOGPROBS])  # the first of the top ids
-        if token == ENDOFTEXT_ID and not s.ignore_eos:
-            choice.finish = "stop"
-            return
-        choice.logprobs.append((float(info[1]), split_logprobs(info, s.logprobs)[1]))
-        choice.tokens.append(token)
-        metrics.generated_tokens.inc()
-        choice.finish = "length"
-
-    def refresh(choices: list[Choice], trackers: list[TextTracker], requests: list) -> None:
-        """Every choice's text brought up to date; a stop string found ends its request."""
-        for c, t, r in zip(choices, trackers, requests):
-            t.update(c.tokens)
-            if t.stopped and r is not None:
-                r.cancelled.set()
-
-    def is_done(choice: Choice, tracker: TextTracker) -> bool:
-        return (choice.finish is not None or tracker.stopped) and choice.scored
-
-    def finish_reason(choice: Choice) -> str:
-        if choice.finish and choice.finish.startswith("error"):
-            raise APIError(500, f"generation failed: {choice.finish}", None, "engine_error", "server_error")
-        return "length" if choice.finish == "length" else "stop"
-
     def logprobs_of(choice: Choice, tracker: TextTracker, s: Sampling, start: int = 0, base: int = 0) -> dict | None:
         """The generated tokens' log-probs from ``start``; offsets past ``base`` characters (an echoed prompt)."""
         if s.logprobs is None:
@@ -452,16 +469,6 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
     def prompt_logprobs_of(choice: Choice) -> dict:
         p = choice.prompt
         return logprobs_block(tokenizer, p, choice.prompt_logprobs, text_offsets(tokenizer, p, 0, len(p)))
-
-    def joined(*blocks: dict | None) -> dict | None:
-        blocks = [b for b in blocks if b is not None]
-        return {k: [x for b in blocks for x in b[k]] for k in blocks[0]} if blocks else None
-
-    def usage(trackers: list[TextTracker], prompts: list[list[int]], s: Sampling) -> dict:
-        prompt_tokens = sum(len(p) for p in prompts) * s.n
-        completion = sum(t.used for t in trackers)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                "total_tokens": prompt_tokens + completion}
 
     async def run(prompts: list[list[int]], s: Sampling, chat: bool, body: dict):
         choices, trackers, events, requests, scores = submit(prompts, s)
