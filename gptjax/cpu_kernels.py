@@ -6,18 +6,23 @@ Two things a batch-1 decode step on XLA:CPU does badly (benchmarks/NOTES.md):
   weights beside float32 activations; it widens the whole kernel into a float32 buffer first, so decoding
   from smaller weights was slower than from float32. This kernel reads the weights as stored and widens
   them in registers, so a step, bound by the bytes of weight it reads, reads 2 or 1 bytes per weight
-  instead of 4. Activations, products and sums stay float32. From float32 weights too it streams the
-  weights faster than XLA's dot does at these shapes (gpt2-small's 73 decode-step matmuls: 17.9 ms against
-  23.4 ms, benchmarks/NOTES.md).
+  instead of 4. From bfloat16 weights, activations, products and sums stay float32. From int8 weights the
+  activations are rounded to int8 as well, in blocks of 32 with a float32 scale each, and each block's
+  products summed exactly as integers (AVX-512 VNNI: 64 multiply-adds an instruction, where float32 does
+  16); past one row a step is bound by arithmetic, and this took gpt2-small's decode step at 8 rows from
+  30 to 17 ms. Every loop computes the same integers and rounds alike, so they agree bit for bit. From
+  float32 weights too it streams the weights faster than XLA's dot does at these shapes (gpt2-small's 73
+  decode-step matmuls: 17.9 ms against 23.4 ms, benchmarks/NOTES.md).
 * **the KV cache** (:func:`cached_attention`): writing the new key and value into the cache and attending
   over it in one loop iteration makes XLA copy every layer's cache slabs several times a token. This
   kernel updates the cache in place (its operands are aliased to its results) and reads only the filled
   slots.
 
 The library is built when gptjax is installed (``setup.py``; it needs a C++ compiler). Where it was not
-built, :func:`unavailable` says so and :mod:`gptjax.platform` uses XLA alone (same values, slower). Used
-only for CPU programs, and only for decode-step shapes: up to :data:`MAX_ROWS` rows of activations for the
-matmul (past that, XLA's float32 GEMM on the widened kernel is faster), one new position for attention.
+built, :func:`unavailable` says so and :mod:`gptjax.platform` uses XLA alone (same values, slower; from
+int8 weights, float32 activations). Used
+only for CPU programs: the matmul up to :func:`row_limit` rows of activations (past that, XLA's float32 GEMM
+on the widened kernel is faster), attention for one new position.
 Each kernel has an AVX-512, an AVX2 and a portable loop and takes the widest this CPU runs; ``isa=`` forces
 one (for testing them).
 """
@@ -33,11 +38,18 @@ import jax.numpy as jnp
 import numpy as np
 
 # The most rows of activations the model sends through weights_matmul from float32 weights: past that, XLA's
-# GEMM is faster. From bfloat16 / int8 weights XLA first widens the whole kernel, which costs more than this
-# kernel's arithmetic up to MAX_STORED_ROWS (a prompt chunk of gpt2-small from int8: 16 rows 72 ms against
-# XLA's 190, 64 rows 213 against 293; benchmarks/NOTES.md).
+# GEMM is faster. From bfloat16 weights XLA first widens the whole kernel, which costs more than this
+# kernel's arithmetic up to MAX_STORED_ROWS (a prompt chunk of gpt2-small: 16 rows 72 ms against XLA's 190,
+# 64 rows 213 against 293; benchmarks/NOTES.md). From int8 weights the kernel's int8 dot products beat XLA's
+# float32 GEMM at every length measured (gpt2-small's matmuls: 256 rows 0.13-0.16 s against 0.31 s, 1024
+# rows 0.61-0.67 s against 0.93 s), so int8 has no limit: every CPU product with int8 weights is int8 x int8.
 MAX_ROWS = 8
 MAX_STORED_ROWS = 64
+
+
+def row_limit(dtype) -> int | None:
+    """The most rows :func:`weights_matmul` takes for weights of ``dtype`` (None: any number)."""
+    return {"float32": MAX_ROWS, "bfloat16": MAX_STORED_ROWS, "int8": None}[jnp.dtype(dtype).name]
 ISAS = ("auto", "avx512", "avx2", "portable")  # gptjax::Isa in tasks.h, in its order
 _LIBRARY = "gptjax._cpu_kernels"
 _TARGETS = {"bfloat16": ("gptjax_matmul_bf16", "GptjaxMatmulBf16"), "int8": ("gptjax_matmul_int8", "GptjaxMatmulInt8"),
@@ -87,26 +99,29 @@ def _check_available() -> None:
 
 def weights_matmul(x: jax.Array, values: jax.Array, scale: jax.Array | None = None, *,
                    isa: str = "auto") -> jax.Array:
-    """``x @ values`` (times ``scale`` per column for int8) in float32, for x [rows, k] float32 with
-    rows <= MAX_ROWS (float32 values) or MAX_STORED_ROWS (bfloat16, int8) and values [k, n] float32 or
-    bfloat16 (no scale) or int8 (with its [n] float32 scale).
+    """``x @ values`` (times ``scale`` per column for int8, with x rounded to int8 in blocks of 32 along k)
+    in float32, for x [rows, k] float32 with rows <= :func:`row_limit` of the weights' dtype and values
+    [k, n] float32 or bfloat16 (no scale) or int8 (with its [n] float32 scale).
 
     Only for programs lowered for the CPU, and only where :func:`unavailable` is None. Under ``jax.vmap``
     of the activations (the weights unbatched), the mapped rows are more rows of the same call. Not
     differentiable (:func:`gptjax.platform.float32_weights_matmul` is)."""
     _check_available()
-    most = MAX_ROWS if values.dtype == jnp.float32 else MAX_STORED_ROWS
-    if x.ndim != 2 or x.shape[0] > most or x.dtype != jnp.float32:
-        raise ValueError(f"weights_matmul needs float32 x of shape [rows <= {most}, k], got {x.dtype}{x.shape}")
+    if values.dtype not in (jnp.bfloat16, jnp.float32, jnp.int8):
+        raise ValueError("weights_matmul reads bfloat16 or float32 weights, or int8 weights with a scale; got "
+                         f"{values.dtype}")
+    most = row_limit(values.dtype)
+    if x.ndim != 2 or (most is not None and x.shape[0] > most) or x.dtype != jnp.float32:
+        rows = "rows" if most is None else f"rows <= {most}"
+        raise ValueError(f"weights_matmul needs float32 x of shape [{rows}, k], got {x.dtype}{x.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], values.shape[1]), jnp.float32)
     if values.dtype == jnp.int8:
         if scale is None:
             raise ValueError("int8 weights need their per-column scale")
         call = jax.ffi.ffi_call(_TARGETS["int8"][0], out, vmap_method="expand_dims")
         return call(x, values, scale.astype(jnp.float32), isa=_isa_code(isa))
-    if values.dtype not in (jnp.bfloat16, jnp.float32) or scale is not None:
-        raise ValueError("weights_matmul reads bfloat16 or float32 weights, or int8 weights with a scale; got "
-                         f"{values.dtype}")
+    if scale is not None:
+        raise ValueError(f"{values.dtype} weights take no scale")
     call = jax.ffi.ffi_call(_TARGETS[str(values.dtype)][0], out, vmap_method="expand_dims")
     return call(x, values, isa=_isa_code(isa))
 

@@ -1,7 +1,8 @@
 """What each platform gets, and why: the one place where gptjax computes differently on CPU, GPU and TPU.
 
 Every choice here computes the same values (to float rounding) on every platform; only the program XLA
-is given differs. Each is made for the platform a function is *lowered* for, through
+is given differs. One exception: the CPU's compiled matmul rounds activations to int8 where it meets int8
+weights (below), as llama.cpp's q8_0 does, so int8 decode steps on CPU are int8 x int8. Each is made for the platform a function is *lowered* for, through
 ``jax.lax.platform_dependent``: both variants are traced, and lowering keeps only the one for the
 target. So a train step compiled ahead of time for a TPU or GPU on a CPU-only machine
 (``python -m gptjax.aot``) is the accelerator program, and one jitted function lowered for two
@@ -17,10 +18,11 @@ block input, backward  barrier (conditional)  plain                     plain
 gradient norm          matrix-vector products reductions                reductions
 attention, no dropout  blocked, own backward  cuDNN flash (bf16/fp16)   XLA
 Linear, <= 8 rows      compiled kernel,       XLA's dot (bf16 / int8    XLA's dot (bf16 / int8
-(a decode step; bf16   weights as stored      widened first)            widened first)
-/ int8: <= 64 rows)
-Linear, more rows      XLA's dot (bf16 /      the same                  the same
-                       int8 widened first)
+(a decode step; bf16:  weights as stored      widened first)            widened first)
+<= 64 rows; int8:      (int8: activations
+any number)            int8 too, blocks of 32)
+Linear, more rows      XLA's dot (bf16        the same                  the same
+                       widened first)
 KV cache, 1 new token  compiled kernel,       XLA (update, attend)      XLA (update, attend)
                        updated in place
 KV cache length        the whole context      grown in buckets          grown in buckets
@@ -52,6 +54,10 @@ Why (benchmarks/NOTES.md has the measurements):
   allows. The compiled matmul of :mod:`gptjax.cpu_kernels` reads the weights as stored, at the memory's
   speed; it is built for matrix-vector shapes, so longer inputs (a prompt, a training batch) take XLA's
   GEMM (on the widened kernel). GPU and TPU compilers fuse the widening into the dot's operand read.
+  From int8 weights a batch of rows is bound by arithmetic rather than bytes, so there the kernel rounds
+  the activations to int8 as well and multiplies with int8 dot products (AVX-512 VNNI): 8 rows of
+  gpt2-small's decode step 30 -> 17 ms, and faster than XLA's float32 GEMM at any prompt length, so int8
+  weights on CPU always take it.
 - KV cache at one new token (a decode step): in XLA the cache update is a dynamic-update-slice of the
   decode loop's carry that the same iteration reads for attention, and XLA:CPU's copy insertion copies
   every layer's K and V slabs several times a token; attention also reads every slot of the cache
@@ -144,7 +150,8 @@ def compiled_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Ar
 
 def stored_weights_matmul(x: jax.Array, kernel: jax.Array | QuantizedKernel) -> jax.Array:
     """``x @ W`` in float32 for a stored bfloat16 or int8 kernel standing for W."""
-    if math.prod(x.shape[:-1]) > cpu_kernels.MAX_STORED_ROWS or cpu_kernels.unavailable() is not None:
+    most = cpu_kernels.row_limit(jnp.int8 if isinstance(kernel, QuantizedKernel) else kernel.dtype)
+    if (most is not None and math.prod(x.shape[:-1]) > most) or cpu_kernels.unavailable() is not None:
         return widened_matmul(x, kernel)
     return _cpu_or_accelerator(x, cpu=lambda x: compiled_matmul(x, kernel),
                                accelerator=lambda x: widened_matmul(x, kernel))

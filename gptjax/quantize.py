@@ -3,7 +3,11 @@
 Only the matmul kernels change (the attention projections, the feed-forward layers and ``out_head``,
 ~80% of the weights and of the bytes a decode step reads); embeddings (a gather reads one row per
 token), biases and LayerNorm parameters stay float32. Activations, accumulation, softmax and logits
-stay float32: this is weight-only quantization.
+stay float32, with one exception: where the compiled CPU kernel multiplies by int8 weights (decode steps
+and prompt chunks of up to 64 rows), it rounds the activations to int8 too, in blocks of 32 with a
+scale each (llama.cpp's q8_0 does the same), so that the products are int8 dot products
+(:mod:`gptjax.cpu_kernels`). That costs a little more precision than int8 weights alone (about 0.4% of
+a product's size on random data) and buys the arithmetic a batch of decode steps is bound by.
 
 The quantized tree has the float32 tree's structure with each kernel replaced by a bfloat16 array or
 a :class:`QuantizedKernel`, a small pytree, and the model runs on it as it is: each Linear layer hands

@@ -84,26 +84,27 @@ def compiled_decode(cfg, params, batch):
 
 
 def test_decode_steps_read_the_stored_weights():
-    """Up to 8 rows, every matmul of a CPU decode step reads the int8 kernels where they lie (the compiled
-    kernel): no float32 copy of out_head exists anywhere in the program."""
+    """At one row and at more than bfloat16's MAX_STORED_ROWS, every matmul of a CPU decode step reads the
+    int8 kernels where they lie (the compiled kernel): no float32 copy of out_head exists in the program."""
     cfg = CFG.replace(vocab_size=101)
     params = jax.eval_shape(lambda p: quantize_params(p, "int8"), gptjax.abstract_params(cfg))
-    hlo = compiled_decode(cfg, params, batch=1)
-    head = f"[{cfg.emb_dim},{cfg.vocab_size}]"
-    assert "s8" + head in hlo and "f32" + head not in hlo
-    assert "gptjax_matmul_int8" in hlo
+    for batch in (1, cpu_kernels.MAX_STORED_ROWS + 1):
+        hlo = compiled_decode(cfg, params, batch=batch)
+        head = f"[{cfg.emb_dim},{cfg.vocab_size}]"
+        assert "s8" + head in hlo and "f32" + head not in hlo
+        assert "gptjax_matmul_int8" in hlo
 
 
 def test_widened_decode_steps_widen_inside_the_loop():
-    """Past MAX_STORED_ROWS rows each step widens the kernels for XLA's dot; no float32 copy of a kernel is
-    made outside the decode loops (XLA would hoist it there and keep it for the whole decode): the compiled
-    program's entry holds out_head only as int8."""
+    """Past MAX_STORED_ROWS rows each step widens the bfloat16 kernels for XLA's dot; no float32 copy of a
+    kernel is made outside the decode loops (XLA would hoist it there and keep it for the whole decode): the
+    compiled program's entry holds out_head only as bfloat16."""
     cfg = CFG.replace(vocab_size=101)
-    params = jax.eval_shape(lambda p: quantize_params(p, "int8"), gptjax.abstract_params(cfg))
+    params = jax.eval_shape(lambda p: quantize_params(p, "bfloat16"), gptjax.abstract_params(cfg))
     hlo = compiled_decode(cfg, params, batch=cpu_kernels.MAX_STORED_ROWS + 1)
     entry = hlo[hlo.index("\nENTRY"):]
     head = f"[{cfg.emb_dim},{cfg.vocab_size}]"
-    assert "s8" + head in entry and "f32" + head not in entry
+    assert "bf16" + head in entry and "f32" + head not in entry
     assert "f32" + head in hlo  # ... and widened inside the loop
     assert "gptjax_matmul" not in hlo
 

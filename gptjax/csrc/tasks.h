@@ -24,6 +24,15 @@ inline bool cpu_has(Isa isa) {
   return isa == kPortable;
 }
 
+// AVX-512's int8 dot products (vpdpbusd), which the AVX-512 int8 loop uses where the CPU has them.
+inline bool cpu_has_vnni() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
 // The loop a call takes for the attribute it was given; kAuto where the CPU lacks the one asked for
 // (the caller reports that as an error).
 inline Isa resolve(int32_t requested) {
