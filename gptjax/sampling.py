@@ -315,10 +315,12 @@ def _running(state: _State, end: jax.Array) -> jax.Array:
 def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_len: jax.Array, sampler: _Sampler,
              *, slots: int, greedy: bool) -> _State:
     """Run the padded prompt through the model once into a cache of ``slots`` positions, and choose the
-    first new token."""
+    first new token. The prompt attends only to itself: it runs on a cache of its own width, padded to
+    ``slots`` afterwards, instead of attending over every slot (on CPU the whole context)."""
     batch, width = padded_prompt.shape
-    cache = init_cache(cfg, batch, slots=slots)
+    cache = init_cache(cfg, batch, slots=width)
     logits, cache = apply_with_cache(params, cfg, padded_prompt, cache, 0, logits_at=prompt_len - 1)
+    cache = [{name: _pad_to(slab, 2, slots) for name, slab in layer.items()} for layer in cache]
     tokens = jnp.zeros((batch, slots + 1), jnp.int32).at[:, :width].set(padded_prompt)
     state = _State(tokens, cache, jnp.zeros((batch,), bool), prompt_len)
     return _emit(state, logits[:, 0], sampler, greedy=greedy)
