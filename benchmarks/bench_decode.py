@@ -47,7 +47,8 @@ import gptjax  # noqa: E402
 from benchmarks.common import machine_info, print_table, write_json  # noqa: E402
 from gptjax import cpu_kernels  # noqa: E402
 from gptjax.quantize import WEIGHTS_DTYPES, quantize_params, weights_nbytes  # noqa: E402
-from gptjax.sampling import _bucket, generate  # noqa: E402
+from gptjax.buckets import length_bucket  # noqa: E402
+from gptjax.sampling import generate  # noqa: E402
 
 METHODS = ("kv-cache", "kv-cache-pyloop", "full-recompute", "torch", "hf", "llama.cpp")
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -70,7 +71,7 @@ def _cached_prefill(params, cfg, padded, cache):
 
 def kv_cache_pyloop(params, cfg, prompt, new_tokens):
     prompt_len = prompt.shape[1]
-    padded = np.zeros((prompt.shape[0], _bucket(prompt_len, cap=cfg.context_length)), np.int32)
+    padded = np.zeros((prompt.shape[0], length_bucket(prompt_len, cap=cfg.context_length)), np.int32)
     padded[:, :prompt_len] = prompt
     logits, cache = _cached_prefill(params, cfg, padded, gptjax.init_cache(cfg, prompt.shape[0]))
     token = jnp.argmax(logits[:, prompt_len - 1], axis=-1).astype(jnp.int32)
@@ -90,11 +91,11 @@ def _full_step(params, cfg, tokens, length, width):
 
 def full_recompute(params, cfg, prompt, new_tokens):
     total = prompt.shape[1] + new_tokens
-    tokens = np.zeros((prompt.shape[0], _bucket(total)), np.int32)
+    tokens = np.zeros((prompt.shape[0], length_bucket(total)), np.int32)
     tokens[:, : prompt.shape[1]] = prompt
     tokens = jnp.asarray(tokens)
     for length in range(prompt.shape[1], total):
-        width = min(_bucket(length), tokens.shape[1])
+        width = min(length_bucket(length), tokens.shape[1])
         tokens = _full_step(params, cfg, tokens, np.int32(length), width)
     return np.asarray(tokens)[:, :total]
 

@@ -45,7 +45,8 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
 from gptjax.quantize import quantize_params
-from gptjax.sampling import _bucket, position_keys, row_keys, sample_rows
+from gptjax.buckets import batch_buckets, length_bucket
+from gptjax.sampling import position_keys, row_keys, sample_rows
 from gptjax.tokenizer import ENDOFTEXT_ID
 
 MAX_LOGPROBS = 5  # OpenAI's completions API allows logprobs up to 5
@@ -181,12 +182,6 @@ class _Slot:
         return self.prefilled == len(self.request.prompt)
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """The decode batch sizes compiled: powers of two below ``max_batch``, and ``max_batch``."""
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
-    return sizes + [max_batch]
-
-
 class Engine:
     """Runs requests on its own thread: ``submit`` from any thread, ``start`` once, ``stop`` to end.
 
@@ -221,7 +216,7 @@ class Engine:
         """The padded chunk lengths prefill compiles for."""
         sizes, n = [], 1
         while not sizes or sizes[-1] < self.prefill_chunk:
-            sizes.append(_bucket(n, cap=self.prefill_chunk))
+            sizes.append(length_bucket(n, cap=self.prefill_chunk))
             n = sizes[-1] + 1
         return sizes
 
@@ -331,7 +326,7 @@ class Engine:
                 continue
             r = s.request
             n = min(self.prefill_chunk, len(r.prompt) - s.prefilled)
-            chunk = np.zeros((1, _bucket(n, cap=self.prefill_chunk)), np.int32)
+            chunk = np.zeros((1, length_bucket(n, cap=self.prefill_chunk)), np.int32)
             chunk[0, :n] = r.prompt[s.prefilled: s.prefilled + n]
             try:
                 self.cache, token, info = _prefill_chunk(
@@ -374,7 +369,7 @@ class Engine:
         if not self._unscored:
             return
         self._unscored.sort(key=lambda j: len(j.prompt), reverse=True)
-        width = _bucket(len(self._unscored[0].prompt), cap=self.cfg.context_length)
+        width = length_bucket(len(self._unscored[0].prompt), cap=self.cfg.context_length)
         jobs = self._unscored[: max(1, SCORE_TOKENS // width)]
         del self._unscored[: len(jobs)]
         tokens = np.zeros((1 << (len(jobs) - 1).bit_length(), width), np.int32)

@@ -24,11 +24,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from gptjax.buckets import length_bucket
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply
 
 N_ENDINGS = 4
-MIN_BUCKET = 16
 
 
 @dataclass(frozen=True)
@@ -113,10 +113,6 @@ def _rows(ex: Example, max_len: int) -> list[tuple[list[int], int]]:
     return rows
 
 
-def _bucket(length: int, max_len: int) -> int:
-    return min(max_len, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _ending_losses(params: Params, cfg: GPTConfig, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """Summed loss over the masked (ending) targets of each row."""
@@ -133,7 +129,7 @@ def score(params: Params, cfg: GPTConfig, examples: list[Example], *, batch_toke
     by_bucket: dict[int, list[int]] = {}
     for i, ex in enumerate(examples):
         longest = max(len(t) for t, _ in _rows(ex, max_len))
-        by_bucket.setdefault(_bucket(longest, max_len), []).append(i)
+        by_bucket.setdefault(length_bucket(longest, cap=max_len), []).append(i)
     sums = np.zeros((len(examples), N_ENDINGS), np.float64)
     counts = np.array([[len(e) for e in ex.endings] for ex in examples], np.float64)
     batches = []

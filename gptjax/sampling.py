@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import cpu_kernels, platform
+from gptjax.buckets import length_bucket
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
 from gptjax.quantize import check_weights_dtype, quantize_params
 
-_MIN_BUCKET = 16
 _MIN_KV_BUCKET = 64
 
 
@@ -253,12 +253,6 @@ def position_keys(keys: jax.Array, position: jax.Array) -> jax.Array:
 
 # ---------------------------------------------------------------------------------------------
 # Generation.
-
-
-def _bucket(n: int, cap: int | None = None) -> int:
-    """The power of two >= n (at least _MIN_BUCKET), at most ``cap``: the static shapes we compile."""
-    size = max(_MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
-    return size if cap is None else min(size, cap)
 
 
 def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int, *, grow: bool = True) -> list[int]:
@@ -511,9 +505,9 @@ def generate(
     context = cfg.context_length
     head, prompt = ids[:, : max(0, ids.shape[1] - context)], ids[:, -context:].astype(np.int32)
     prompt_len = prompt.shape[1]
-    buffer = np.zeros((ids.shape[0], _bucket(prompt_len + max_new_tokens)), np.int32)
+    buffer = np.zeros((ids.shape[0], length_bucket(prompt_len + max_new_tokens)), np.int32)
     buffer[:, :prompt_len] = prompt
-    padded = buffer[:, : _bucket(prompt_len, cap=context)]
+    padded = buffer[:, : length_bucket(prompt_len, cap=context)]
 
     greedy_static = dict(greedy=greedy)
     batch = ids.shape[0]
