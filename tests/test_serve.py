@@ -273,9 +273,9 @@ def page(server):
 
 def slow_network(page) -> None:
     """The tiny model streams its tokens in milliseconds, so the browser would read them in one or two pieces:
-    a slow network (2 kB/s) makes a stream last seconds, as a real model's does."""
+    a slow network (800 B/s) makes a stream last seconds, as a real model's does."""
     page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
-        "offline": False, "latency": 0, "downloadThroughput": 2000, "uploadThroughput": 100000})
+        "offline": False, "latency": 0, "downloadThroughput": 800, "uploadThroughput": 100000})
 
 
 def test_the_page_streams_a_continuation_in_a_real_browser(page, weights):
