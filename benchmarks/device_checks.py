@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gptjax  # noqa: E402
-from gptjax import platform  # noqa: E402
+from gptjax import attention  # noqa: E402
 from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step  # noqa: E402
 
 CFG = gptjax.GPTConfig(vocab_size=50257, context_length=64, emb_dim=64, n_layers=2, n_heads=2, drop_rate=0.0,
@@ -58,19 +58,19 @@ def test_cudnn_attention_matches_xla():
         pytest.skip("cuDNN flash attention needs an NVIDIA GPU")
     keys = jax.random.split(jax.random.key(1), 3)
     q, k, v = (jax.random.normal(key, (4, 1024, 12, 64), jnp.bfloat16) for key in keys)
-    assert platform.cudnn_attention_unavailable(q, k, v) is None
-    hlo = jax.jit(platform.self_attention).lower(q, k, v).compile().as_text()
+    assert attention.cudnn_attention_unavailable(q, k, v) is None
+    hlo = jax.jit(attention.self_attention).lower(q, k, v).compile().as_text()
     assert "__cudnn$fmha" in hlo
 
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2)
 
-    got, want = (fn(q, k, v).astype(jnp.float32) for fn in (platform.self_attention, platform.xla_attention))
+    got, want = (fn(q, k, v).astype(jnp.float32) for fn in (attention.self_attention, attention.xla_attention))
     err = float(jnp.abs(got - want).max())
     print(f"\ncuDNN vs XLA attention (bf16): max abs error {err:.3g}")
     assert err < 2e-2
-    g_cudnn = jax.grad(lambda *a: loss(platform.self_attention, *a), argnums=(0, 1, 2))(q, k, v)
-    g_xla = jax.grad(lambda *a: loss(platform.xla_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    g_cudnn = jax.grad(lambda *a: loss(attention.self_attention, *a), argnums=(0, 1, 2))(q, k, v)
+    g_xla = jax.grad(lambda *a: loss(attention.xla_attention, *a), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_cudnn, g_xla):
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 2e-2

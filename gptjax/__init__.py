@@ -6,12 +6,12 @@ from gptjax.jax_start import start_present_platforms_only
 start_present_platforms_only()
 
 from gptjax.config import GPT_CONFIG_124M, PRESETS, GPTConfig, get_config
+from gptjax.attention import causal_attention
 from gptjax.model import (
     GPTModel,
     abstract_params,
     apply,
     apply_with_cache,
-    causal_attention,
     init_cache,
     init_params,
     model_from_params,

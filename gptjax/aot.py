@@ -361,7 +361,7 @@ def _attention_kind(hlo: str, target: Target, cfg, tcfg) -> str:
     if cfg.drop_rate > 0:
         return ("XLA attention (dropout on the attention weights, as in the book; with --drop-rate 0 the "
                 "GPU program gets cuDNN flash attention where cuDNN is installed)")
-    from gptjax.platform import cudnn_attention_unavailable
+    from gptjax.attention import cudnn_attention_unavailable
     import jax
     import jax.numpy as jnp
 

@@ -1,7 +1,36 @@
-"""Causal self-attention in query blocks, with its own backward pass: the CPU's attention for training.
+"""Attention, and what each platform gets for it: the one home of gptjax's attention. The model
+(:class:`gptjax.model.MultiHeadAttention`) calls three functions here: :func:`causal_attention` (the book's,
+with dropout), :func:`self_attention` (a whole sequence, no dropout) and :func:`cached_attention` (a chunk
+over the KV cache); each is chosen for the platform it is compiled for (``jax.lax.platform_dependent``).
 
-Query block i (rows ``i*block`` to ``(i+1)*block``) attends only to keys ``0`` to ``(i+1)*block``: the
-blocks above the diagonal, all masked, are never computed, and each block's softmax is the exact
+=======================  ==========================  ========================  ======================
+operation                CPU                         GPU                       TPU
+=======================  ==========================  ========================  ======================
+with dropout (training)  causal_attention            causal_attention          causal_attention
+whole sequence           blocked, own backward       cuDNN flash (bf16/fp16)   XLA
+KV cache, 1 new token    compiled kernel,            XLA (update, attend)      XLA (update, attend)
+                         updated in place
+KV cache, a chunk        XLA (update, attend)        the same                  the same
+=======================  ==========================  ========================  ======================
+
+Why (benchmarks/NOTES.md has the measurements):
+
+- Blocked attention (below): XLA:CPU's attention computes the masked upper half of the scores, and its
+  gradient copies the [heads, seq, seq] score gradient transposed. Query blocks that skip the masked
+  blocks, and a backward pass whose matmuls read every operand as it lies, took gpt2-small's T=1024
+  training step from 7.56 s to 6.03 s at batch 1 and from 46.2 s to 28.0 s at batch 4; attention alone
+  (forward and backward, [1, 1024, 12, 64] float32) from ~180 ms to ~85 ms.
+- cuDNN attention: flash attention that never materialises the [seq, seq] weights and skips the masked
+  half; only in bf16/fp16, and only where cuDNN can be found when the function is traced
+  (:func:`cudnn_attention_unavailable` says why not).
+- KV cache at one new token (a decode step): in XLA the cache update is a dynamic-update-slice of the
+  decode loop's carry that the same iteration reads for attention, and XLA:CPU's copy insertion copies
+  every layer's K and V slabs several times a token; attention also reads every slot of the cache. The
+  compiled attention of :mod:`gptjax.cpu_kernels` writes the new slot in place and reads only the filled
+  ones. GPU and TPU programs keep XLA's update and attention.
+
+The blocked attention: query block i (rows ``i*block`` to ``(i+1)*block``) attends only to keys ``0`` to
+``(i+1)*block``: the blocks above the diagonal, all masked, are never computed, and each block's softmax is the exact
 two-pass softmax over all the keys it sees. The forward pass keeps each block's softmax weights (about
 half of the [seq, seq] weights) for the backward pass, which is written out so that every matmul is a
 plain ``[m, k] @ [k, n]`` of operands as they lie in memory (heads-major; only the small [seq, head_dim]
@@ -18,9 +47,88 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from gptjax import cpu_kernels
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_offset: int | jax.Array = 0,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+    kv_heads_major: bool = False,
+) -> jax.Array:
+    """Scaled dot-product attention with a causal mask.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim], or
+    [batch, heads, kv_len, head_dim] with ``kv_heads_major`` (the KV cache's layout). Query i sits at
+    position ``q_offset + i`` (``q_offset`` a scalar or one per batch row) and key j at position j; a query attends to keys at positions <= its
+    own. With a KV cache, keys past the filled part of the cache are therefore masked too.
+    ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
+    float32 whatever the input dtype.
+    """
+    kv = "bhkd" if kv_heads_major else "bkhd"
+    head_dim = q.shape[-1]
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    q_pos = jnp.asarray(q_offset)[..., None, None, None] + jnp.arange(q.shape[1])[:, None]  # [(batch, 1,) q, 1]
+    k_pos = jnp.arange(k.shape[2 if kv_heads_major else 1])[None, :]
+    scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v)
+
+
+def attend_with_cache(
+    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
+    cache_rows: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
+    preallocated cache; the causal mask hides the slots not yet written. The cache is heads-major
+    ([batch, heads, slots, head_dim]): each decode step then reads it as it lies instead of
+    transposing all of it.
+
+    ``pos`` is a scalar or one position per batch row. ``cache_rows`` [batch] names the cache row each
+    batch row reads and writes (a serving engine's slots); a row at a negative position is padding and
+    leaves the cache as it was."""
+    pos = jnp.asarray(pos, jnp.int32)
+    if cache_rows is not None:
+        pos = jnp.broadcast_to(pos, q.shape[:1])
+
+        def write_rows(slab, new):
+            # Row by row, only the new positions: in place, where a scatter of whole rows would copy the cache.
+            new = new.swapaxes(1, 2).astype(slab.dtype)
+
+            def one(r, slab):
+                at = (cache_rows[r], 0, jnp.maximum(pos[r], 0), 0)
+                update = jax.lax.dynamic_index_in_dim(new, r)
+                kept = jax.lax.dynamic_slice(slab, at, update.shape)
+                return jax.lax.dynamic_update_slice(slab, jnp.where(pos[r] >= 0, update, kept), at)
+
+            return jax.lax.fori_loop(0, new.shape[0], one, slab)
+
+        cache = {"k": write_rows(cache["k"], k), "v": write_rows(cache["v"], v)}
+        context = causal_attention(q, cache["k"][cache_rows].astype(q.dtype), cache["v"][cache_rows].astype(q.dtype),
+                                   q_offset=pos, kv_heads_major=True)
+        return context, cache
+
+    def write_rows(slots, new):
+        if pos.ndim == 0:
+            return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
+        return jax.vmap(lambda slots, new, at: jax.lax.dynamic_update_slice(
+            slots, new.swapaxes(0, 1).astype(slots.dtype), (0, at, 0)))(slots, new, pos)
+
+    cache = {"k": write_rows(cache["k"], k), "v": write_rows(cache["v"], v)}
+    context = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_offset=pos,
+                               kv_heads_major=True)
+    return context, cache
+
 
 BLOCK = 256
 
@@ -103,3 +211,56 @@ def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: in
     """Causal softmax(q k^T / sqrt(head_dim)) v, q, k, v: [batch, seq, heads, head_dim], computed in
     query blocks of ``block`` rows; scores and softmax in float32, the result in ``v``'s dtype."""
     return _attention(q, k, v, block)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+def cudnn_attention_unavailable(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+    """Why cuDNN's flash attention cannot be traced for these inputs here (None: it can)."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN flash attention needs bfloat16 or float16 inputs, not {q.dtype}"
+    try:
+        jax.eval_shape(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
+                       q, k, v)
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # no cuDNN, or a shape it does not support
+        return f"cuDNN flash attention unavailable: {' '.join(str(e).split())[:200]}"
+    return None
+
+
+def cuda_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    if cudnn_attention_unavailable(q, k, v) is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return xla_attention(q, k, v)
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(head_dim)) v over a whole sequence, q, k, v: [batch, seq, heads,
+    head_dim]: what :func:`causal_attention` computes without dropout."""
+    return jax.lax.platform_dependent(q, k, v, cpu=blocked_causal_attention, cuda=cuda_attention,
+                                      default=xla_attention)
+
+
+def compiled_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array],
+                              pos: jax.Array, cache_rows: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    b, _, heads, head_dim = q.shape
+    rows = [y.reshape(b, heads, head_dim) for y in (q, k, v)]
+    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, (b,)),
+                                                         cache_rows)
+    return out.reshape(q.shape), {"k": cache_k, "v": cache_v}
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
+                     cache_rows: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`attend_with_cache`, per platform: write the chunk's keys and values into the KV cache at
+    positions pos..pos+t-1 (``pos`` a scalar or one per row) of cache rows ``cache_rows`` (None: row r of the
+    batch is row r of the cache) and attend over them; q, k, v [batch, t, heads, head_dim]. Returns
+    (context, new cache)."""
+    pos = jnp.asarray(pos, jnp.int32)
+    compiled = (q.shape[1] == 1 and cpu_kernels.unavailable() is None
+                and all(a.dtype == jnp.float32 for a in (q, k, v, cache["k"], cache["v"])))
+    if not compiled:
+        return attend_with_cache(q, k, v, cache, pos, cache_rows)
+    return jax.lax.platform_dependent(q, k, v, cache, pos, cache_rows, cpu=compiled_cached_attention,
+                                      default=attend_with_cache)

@@ -136,7 +136,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     [rows] int32, the cache row each row reads and writes (default: row r uses cache row r, and then the
     cache has ``rows`` rows). Writes row r's key and value at slot pos[r] (clamped into the cache) and
     returns (the attention output [rows, heads, head_dim] of each query over slots 0..pos[r], the new
-    cache_k, the new cache_v): what :func:`gptjax.model.causal_attention` computes for one query over the
+    cache_k, the new cache_v): what :func:`gptjax.attention.causal_attention` computes for one query over the
     updated cache. A row at a negative position writes and reads nothing (its output is NaN): padding.
     Rows at positions >= 0 must name distinct cache rows. The caches are updated in place where XLA can
     give their buffers to the results (a donated or loop-carried cache).

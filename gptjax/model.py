@@ -13,20 +13,21 @@ in float32, to within float rounding): ``dtype=jnp.bfloat16`` runs the matmuls i
 parameters, residual stream, softmax, LayerNorm statistics and logits stay float32; ``remat=True``
 recomputes each block's activations in the backward pass instead of storing them. Always on, as they
 change nothing beyond rounding: a heads-major KV cache, and the per-platform choices of
-:mod:`gptjax.platform` (the ``platform.`` calls below), made for the platform a function is compiled for.
+:mod:`gptjax.platform` and :mod:`gptjax.attention` (the ``platform.`` and ``attention.`` calls below), made
+for the platform a function is compiled for.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import mesh_axes, platform
+from gptjax import attention, mesh_axes, platform
 from gptjax.config import GPTConfig
 
 Params = dict[str, Any]
@@ -93,81 +94,6 @@ class FeedForward(nnx.Module):
         return x
 
 
-def causal_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    q_offset: int | jax.Array = 0,
-    dropout: Callable[[jax.Array], jax.Array] | None = None,
-    kv_heads_major: bool = False,
-) -> jax.Array:
-    """Scaled dot-product attention with a causal mask.
-
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim], or
-    [batch, heads, kv_len, head_dim] with ``kv_heads_major`` (the KV cache's layout). Query i sits at
-    position ``q_offset + i`` (``q_offset`` a scalar or one per batch row) and key j at position j; a query attends to keys at positions <= its
-    own. With a KV cache, keys past the filled part of the cache are therefore masked too.
-    ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
-    float32 whatever the input dtype.
-    """
-    kv = "bhkd" if kv_heads_major else "bkhd"
-    head_dim = q.shape[-1]
-    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    q_pos = jnp.asarray(q_offset)[..., None, None, None] + jnp.arange(q.shape[1])[:, None]  # [(batch, 1,) q, 1]
-    k_pos = jnp.arange(k.shape[2 if kv_heads_major else 1])[None, :]
-    scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
-    weights = jax.nn.softmax(scores, axis=-1)
-    if dropout is not None:
-        weights = dropout(weights)
-    return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v)
-
-
-def attend_with_cache(
-    q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
-    cache_rows: jax.Array | None = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Write this chunk's keys and values at positions pos..pos+t-1 and attend over the whole
-    preallocated cache; the causal mask hides the slots not yet written. The cache is heads-major
-    ([batch, heads, slots, head_dim]): each decode step then reads it as it lies instead of
-    transposing all of it.
-
-    ``pos`` is a scalar or one position per batch row. ``cache_rows`` [batch] names the cache row each
-    batch row reads and writes (a serving engine's slots); a row at a negative position is padding and
-    leaves the cache as it was."""
-    pos = jnp.asarray(pos, jnp.int32)
-    if cache_rows is not None:
-        pos = jnp.broadcast_to(pos, q.shape[:1])
-
-        def write_rows(slab, new):
-            # Row by row, only the new positions: in place, where a scatter of whole rows would copy the cache.
-            new = new.swapaxes(1, 2).astype(slab.dtype)
-
-            def one(r, slab):
-                at = (cache_rows[r], 0, jnp.maximum(pos[r], 0), 0)
-                update = jax.lax.dynamic_index_in_dim(new, r)
-                kept = jax.lax.dynamic_slice(slab, at, update.shape)
-                return jax.lax.dynamic_update_slice(slab, jnp.where(pos[r] >= 0, update, kept), at)
-
-            return jax.lax.fori_loop(0, new.shape[0], one, slab)
-
-        cache = {"k": write_rows(cache["k"], k), "v": write_rows(cache["v"], v)}
-        context = causal_attention(q, cache["k"][cache_rows].astype(q.dtype), cache["v"][cache_rows].astype(q.dtype),
-                                   q_offset=pos, kv_heads_major=True)
-        return context, cache
-
-    def write_rows(slots, new):
-        if pos.ndim == 0:
-            return jax.lax.dynamic_update_slice(slots, new.swapaxes(1, 2).astype(slots.dtype), (0, 0, pos, 0))
-        return jax.vmap(lambda slots, new, at: jax.lax.dynamic_update_slice(
-            slots, new.swapaxes(0, 1).astype(slots.dtype), (0, at, 0)))(slots, new, pos)
-
-    cache = {"k": write_rows(cache["k"], k), "v": write_rows(cache["v"], v)}
-    context = causal_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), q_offset=pos,
-                               kv_heads_major=True)
-    return context, cache
-
-
 class MultiHeadAttention(nnx.Module):
     def __init__(
         self,
@@ -201,12 +127,12 @@ class MultiHeadAttention(nnx.Module):
         qkv = platform.project_qkv(x, (self.W_query, self.W_key, self.W_value))
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in qkv)
         if cache is not None:
-            context, cache = platform.cached_attention(q, k, v, cache, pos, cache_rows, xla=attend_with_cache)
+            context, cache = attention.cached_attention(q, k, v, cache, pos, cache_rows)
         elif rngs is not None and self.dropout.rate > 0:
             dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
-            context = causal_attention(q, k, v, dropout=dropout)
+            context = attention.causal_attention(q, k, v, dropout=dropout)
         else:
-            context = platform.self_attention(q, k, v)
+            context = attention.self_attention(q, k, v)
         return self.out_proj(context.reshape(b, t, -1)), cache
 
 

@@ -2,7 +2,8 @@
 
 Every choice here computes the same values (to float rounding) on every platform; only the program XLA
 is given differs. One exception: the CPU's compiled matmul rounds activations to int8 where it meets int8
-weights (below), as llama.cpp's q8_0 does, so int8 decode steps on CPU are int8 x int8. Each is made for the platform a function is *lowered* for, through
+weights (below), as llama.cpp's q8_0 does, so int8 decode steps on CPU are int8 x int8. Attention's choices
+are :mod:`gptjax.attention`'s. Each is made for the platform a function is *lowered* for, through
 ``jax.lax.platform_dependent``: both variants are traced, and lowering keeps only the one for the
 target. So a train step compiled ahead of time for a TPU or GPU on a CPU-only machine
 (``python -m gptjax.aot``) is the accelerator program, and one jitted function lowered for two
@@ -16,15 +17,12 @@ q, k, v projections    three matmuls          one [d, 3d] matmul        one [d, 
 logits matmul          50257 columns          padded to 50304           50257 columns
 block input, backward  barrier (conditional)  plain                     plain
 gradient norm          matrix-vector products reductions                reductions
-attention, no dropout  blocked, own backward  cuDNN flash (bf16/fp16)   XLA
 Linear, <= 8 rows      compiled kernel,       XLA's dot (bf16 / int8    XLA's dot (bf16 / int8
 (a decode step; bf16:  weights as stored      widened first)            widened first)
 <= 64 rows; int8:      (int8: activations
 any number)            int8 too, blocks of 32)
 Linear, more rows      XLA's dot (bf16        the same                  the same
                        widened first)
-KV cache, 1 new token  compiled kernel,       XLA (update, attend)      XLA (update, attend)
-                       updated in place
 KV cache length        the whole context      grown in buckets          grown in buckets
                        (one decode program)   (64, 128, ...)            (64, 128, ...)
 =====================  =====================  ========================  ==================================
@@ -58,27 +56,12 @@ Why (benchmarks/NOTES.md has the measurements):
   the activations to int8 as well and multiplies with int8 dot products (AVX-512 VNNI): 8 rows of
   gpt2-small's decode step 30 -> 17 ms, and faster than XLA's float32 GEMM at any prompt length, so int8
   weights on CPU always take it.
-- KV cache at one new token (a decode step): in XLA the cache update is a dynamic-update-slice of the
-  decode loop's carry that the same iteration reads for attention, and XLA:CPU's copy insertion copies
-  every layer's K and V slabs several times a token; attention also reads every slot of the cache
-  bucket. The compiled attention of :mod:`gptjax.cpu_kernels` writes the new slot in place and reads only
-  the filled ones. GPU and TPU programs keep XLA's update and attention (on those, decoding is not
-  measured here).
 - KV cache length (:mod:`gptjax.sampling`): XLA's attention reads every slot of the cache it is given,
   so elsewhere the decode loop's cache grows in buckets, one compiled program each, and a step reads at
   most twice the filled length. The compiled attention reads only the filled slots whatever the cache's
   length, so on CPU one cache of the whole context costs no step anything, and one program serves every
   continuation: a longer one compiles (or loads from the persistent cache) nothing a short one did not.
   This is chosen for the device the weights are on, where the decode programs are compiled.
-- Blocked attention (:mod:`gptjax.attention`): XLA:CPU's attention computes the masked upper half of
-  the scores, and its gradient copies the [heads, seq, seq] score gradient transposed. Query blocks that
-  skip the masked blocks, and a backward pass whose matmuls read every operand as it lies, took
-  gpt2-small's T=1024 training step from 7.56 s to 6.03 s at batch 1 and from 46.2 s to 28.0 s at
-  batch 4 (one process, steps interleaved, a shared 2-core CPU); attention alone (forward and backward,
-  [1, 1024, 12, 64] float32) from ~180 ms to ~85 ms. Elsewhere the compilers' own attention is used.
-- cuDNN attention: flash attention that never materialises the [seq, seq] weights and skips the
-  masked half; only in bf16/fp16, and only where cuDNN can be found when the function is traced
-  (:func:`cudnn_attention_unavailable` says why not).
 """
 
 from __future__ import annotations
@@ -91,7 +74,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptjax import cpu_kernels
-from gptjax.attention import blocked_causal_attention
 from gptjax.quantize import QuantizedKernel, dequantize_kernel
 
 Linear = nnx.Linear
@@ -202,32 +184,6 @@ def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwar
     return xla(x, kernel)
 
 
-# --- one new token's attention over the KV cache ---------------------------------------------------
-
-
-def compiled_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array],
-                              pos: jax.Array, cache_rows: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    b, _, heads, head_dim = q.shape
-    rows = [y.reshape(b, heads, head_dim) for y in (q, k, v)]
-    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, (b,)),
-                                                         cache_rows)
-    return out.reshape(q.shape), {"k": cache_k, "v": cache_v}
-
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array], pos: int | jax.Array,
-                     cache_rows: jax.Array | None, *, xla: Callable) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``xla(q, k, v, cache, pos, cache_rows)``: write the chunk's keys and values into the KV cache at
-    positions pos..pos+t-1 (``pos`` a scalar or one per row) of cache rows ``cache_rows`` (None: row r of the
-    batch is row r of the cache) and attend over them; q, k, v [batch, t, heads, head_dim]. Returns
-    (context, new cache)."""
-    pos = jnp.asarray(pos, jnp.int32)
-    compiled = (q.shape[1] == 1 and cpu_kernels.unavailable() is None
-                and all(a.dtype == jnp.float32 for a in (q, k, v, cache["k"], cache["v"])))
-    if not compiled:
-        return xla(q, k, v, cache, pos, cache_rows)
-    return _cpu_or_accelerator(q, k, v, cache, pos, cache_rows, cpu=compiled_cached_attention, accelerator=xla)
-
-
 def decode_cache_grows(params: Any) -> bool:
     """Whether decoding from ``params`` grows its KV cache in buckets (True) or keeps one cache of the whole
     context (False: CPU weights with the compiled attention, which reads only the filled slots)."""
@@ -333,38 +289,6 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
     return _cpu_or_accelerator(x, cpu=sum_of_squares_by_matvec, accelerator=sum_of_squares_by_reduction)
 
 
-# --- self-attention over a whole sequence, no dropout ----------------------------------------------
-
-
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-
-
-def cudnn_attention_unavailable(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
-    """Why cuDNN's flash attention cannot be traced for these inputs here (None: it can)."""
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        return f"cuDNN flash attention needs bfloat16 or float16 inputs, not {q.dtype}"
-    try:
-        jax.eval_shape(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"),
-                       q, k, v)
-    except (NotImplementedError, RuntimeError, ValueError) as e:  # no cuDNN, or a shape it does not support
-        return f"cuDNN flash attention unavailable: {' '.join(str(e).split())[:200]}"
-    return None
-
-
-def cuda_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    if cudnn_attention_unavailable(q, k, v) is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return xla_attention(q, k, v)
-
-
-def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal softmax(q k^T / sqrt(head_dim)) v over a whole sequence, q, k, v: [batch, seq, heads,
-    head_dim]: what :func:`gptjax.model.causal_attention` computes without dropout."""
-    return jax.lax.platform_dependent(q, k, v, cpu=blocked_causal_attention, cuda=cuda_attention,
-                                      default=xla_attention)
-
-
-__all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "self_attention",
-           "backward_barrier", "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul",
-           "cudnn_attention_unavailable", "cached_attention", "decode_cache_grows", "VOCAB_MULTIPLE"]
+__all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "backward_barrier",
+           "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul", "decode_cache_grows",
+           "VOCAB_MULTIPLE"]

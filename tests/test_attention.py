@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.attention import BLOCK, blocked_causal_attention
-from gptjax.model import causal_attention
+from gptjax.attention import BLOCK, blocked_causal_attention, causal_attention
 
 
 def inputs(shape, dtype=jnp.float32, seed=0):

@@ -14,7 +14,7 @@ import pytest
 import gptjax
 from gptjax import GPTConfig, cpu_kernels, platform
 from gptjax import sampling
-from gptjax.model import attend_with_cache
+from gptjax.attention import attend_with_cache
 from gptjax.quantize import dequantize_params, quantize_kernel, quantize_params
 from gptjax.sampling import generate
 
@@ -130,7 +130,7 @@ def test_refuses_what_it_cannot_compute():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_cached_attention_matches_xla(isa):
-    """Against the XLA update and attention it replaces (gptjax.model.attend_with_cache): the cache written
+    """Against the XLA update and attention it replaces (gptjax.attention.attend_with_cache): the cache written
     identically, the output within float32 rounding, at the first slot, in the middle, at the last slot,
     and past it (clamped, as XLA's update is); rows at different positions."""
     rng = np.random.default_rng(3)

@@ -15,7 +15,7 @@ import pytest
 
 import gptjax
 from gptjax import GPTConfig
-from gptjax.model import causal_attention
+from gptjax.attention import causal_attention
 
 CFG = GPTConfig(vocab_size=257, context_length=32, emb_dim=48, n_layers=2, n_heads=4, drop_rate=0.1, qkv_bias=True)
 # bf16 keeps 8 bits of mantissa: logits of a random model stay within 1% of their float32 range.

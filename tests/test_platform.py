@@ -10,8 +10,9 @@ import optax
 import pytest
 
 import gptjax
-from gptjax import GPTConfig, platform
-from gptjax.model import causal_attention, model_from_params
+from gptjax import GPTConfig, attention, platform
+from gptjax.attention import causal_attention
+from gptjax.model import model_from_params
 from gptjax.training import global_norm
 
 CFG = GPTConfig(vocab_size=250, context_length=32, emb_dim=48, n_layers=2, n_heads=4, drop_rate=0.0, qkv_bias=True)
@@ -90,7 +91,7 @@ def test_self_attention_equals_the_books_causal_attention(dtype, atol):
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 32, 4, 16), dtype) for key in (k1, k2, k3))
     want = causal_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
-    for variant in (platform.self_attention, platform.xla_attention, platform.cuda_attention):
+    for variant in (attention.self_attention, attention.xla_attention, attention.cuda_attention):
         got = variant(q, k, v)
         assert got.dtype == dtype
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=atol)
@@ -98,7 +99,7 @@ def test_self_attention_equals_the_books_causal_attention(dtype, atol):
 
 def test_cudnn_attention_says_why_not():
     q = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
-    assert "bfloat16 or float16" in platform.cudnn_attention_unavailable(q, q, q)
+    assert "bfloat16 or float16" in attention.cudnn_attention_unavailable(q, q, q)
 
 
 def test_one_function_lowered_for_two_platforms_gets_each_its_own():
@@ -117,7 +118,7 @@ def test_one_function_lowered_for_two_platforms_gets_each_its_own():
 def test_cpu_attention_skips_the_masked_half():
     """The CPU program's attention never makes a [seq, seq] score array; the TPU program's (XLA's) does."""
     x = jax.ShapeDtypeStruct((1, 512, 2, 16), jnp.float32)
-    grad = jax.grad(lambda q, k, v: jnp.sum(platform.self_attention(q, k, v)), argnums=(0, 1, 2))
+    grad = jax.grad(lambda q, k, v: jnp.sum(attention.self_attention(q, k, v)), argnums=(0, 1, 2))
     traced = jax.jit(grad).trace(x, x, x)
     # compiled: the lowered CPU program still carries zeros for the other branches' residuals
     assert not re.search(r"f32\[[0-9,]*512,512\]", traced.lower(lowering_platforms=("cpu",)).compile().as_text())

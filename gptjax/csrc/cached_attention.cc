@@ -8,7 +8,7 @@
 // and attention reads all the slots of the bucket, filled or not. Here the cache operands are aliased to
 // the results: the call writes one slot per row and head and reads only slots 0..pos.
 //
-// Numerics follow gptjax.model.causal_attention for one query: scores are float32 dot products divided
+// Numerics follow gptjax.attention.causal_attention for one query: scores are float32 dot products divided
 // by sqrt(head_dim), softmax as jax.nn.softmax computes it (exp(s - max) / sum), then the weighted sum
 // of the values. Every loop variant sums in the same order (16 partial sums per dot product, added in
 // lane order; the library is built without floating-point contraction), so they agree bit for bit.
