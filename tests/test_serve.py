@@ -274,7 +274,9 @@ def page(server):
 def slow_network(page) -> None:
     """The tiny model streams its tokens in milliseconds, so the browser would read them in one or two pieces:
     a slow network (800 B/s) makes a stream last seconds, as a real model's does."""
-    page.context.new_cdp_session(page).send("Network.emulateNetworkConditions", {
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")  # without it the emulation is not always in force for the next fetch
+    cdp.send("Network.emulateNetworkConditions", {
         "offline": False, "latency": 0, "downloadThroughput": 800, "uploadThroughput": 100000})
 
 
