@@ -292,9 +292,13 @@ class Engine:
         if token == ENDOFTEXT_ID and not r.ignore_eos:
             self._finish(index, "stop")
             return
-        r.on_token(token, None if info is None else split_logprobs(info, r.logprobs))
-        reason = ("stop" if r.should_stop() else "length" if r.generated >= r.max_tokens
-                  else "cancelled" if r.cancelled.is_set() else None)
+        # A step computes log-probs for every row when any request asked for them; a request hears only its own.
+        try:
+            r.on_token(token, None if info is None or r.logprobs is None else split_logprobs(info, r.logprobs))
+            reason = ("stop" if r.should_stop() else "length" if r.generated >= r.max_tokens
+                      else "cancelled" if r.cancelled.is_set() else None)
+        except Exception as e:  # a failing callback ends its request, not the engine
+            reason = f"error: {e}"
         if reason is not None:
             self._finish(index, reason)
 

@@ -80,6 +80,45 @@ def test_seeded_sampled_requests_equal_generate_under_concurrency(engine, params
         assert tokens == [t for t in ref if t != 50256][: len(tokens)] and len(tokens) > 0, (kw, tokens, ref)
 
 
+def test_log_probs_only_for_the_requests_that_ask(engine, params):
+    """A batch where some requests want log-probs and some do not computes them for every row; each request
+    hears only its own (None without logprobs), and all still get generate's greedy tokens."""
+    heard = [[] for _ in PROMPTS[:6]]
+    outs, reasons, done = [[] for _ in heard], [None] * len(heard), threading.Semaphore(0)
+    for i, p in enumerate(PROMPTS[:6]):
+        def on_token(t, lp, i=i):
+            outs[i].append(t)
+            heard[i].append(lp)
+
+        def on_finish(reason, i=i):
+            reasons[i] = reason
+            done.release()
+
+        engine.submit(Request(p, 8, logprobs=2 if i % 2 else None, on_token=on_token, on_finish=on_finish))
+    for _ in heard:
+        assert done.acquire(timeout=120)
+    for i, p in enumerate(PROMPTS[:6]):
+        assert reasons[i] in ("length", "stop") and outs[i] == generate(
+            params, CFG, np.array([p]), 8, eos_id=50256)[0, len(p):].tolist()[: len(outs[i])]
+        if i % 2:
+            assert all(lp is not None and len(lp[1]) == 2 for lp in heard[i])
+        else:
+            assert heard[i] == [None] * len(outs[i])
+
+
+def test_a_failing_callback_ends_its_request_not_the_engine(engine, params):
+    def broken(token, lp):
+        raise RuntimeError("the client's handler broke")
+
+    failed = threading.Event()
+    reason = []
+    engine.submit(Request([1, 2, 3], 5, on_token=broken, on_finish=lambda r: (reason.append(r), failed.set())))
+    assert failed.wait(60) and reason == ["error: the client's handler broke"]
+    (tokens, why), = run_all(engine, [dict(prompt=[1, 2, 3], max_tokens=5)])
+    assert why in ("length", "stop") and tokens == generate(params, CFG, np.array([[1, 2, 3]]), 5,
+                                                            eos_id=50256)[0, 3:].tolist()[: len(tokens)]
+
+
 def test_requests_join_and_leave_a_running_batch(params):
     """Requests of different lengths submitted at different times: the batch grows and shrinks through its
     compiled sizes (1, 2, 4) while rows keep their slots, and every greedy answer is generate's."""
