@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import gptjax
-from gptjax.engine import Engine, Request
+import gptjax.engine
+from gptjax.engine import BURST_STEPS, Engine, Request
 from gptjax.sampling import generate  # not gptjax.generate: importing the CLI module gptjax.generate shadows it
 
 CFG = gptjax.get_config("GPT_CONFIG_124M", context_length=64, emb_dim=32, n_layers=2, n_heads=2)
@@ -119,6 +120,17 @@ def test_a_failing_callback_ends_its_request_not_the_engine(engine, params):
                                                             eos_id=50256)[0, 3:].tolist()[: len(tokens)]
 
 
+def test_one_stream_decodes_in_bursts_and_ends_at_its_length(engine, params, monkeypatch):
+    """Alone, a request is decoded BURST_STEPS tokens per dispatch while that many remain, then a step at a
+    time: its tokens are still generate's, it ends at exactly max_tokens, and at most one step is wasted."""
+    steps = []
+    real = gptjax.engine._decode_steps
+    monkeypatch.setattr(gptjax.engine, "_decode_steps", lambda *a, **kw: (steps.append(kw["steps"]), real(*a, **kw))[1])
+    (tokens, reason), = run_all(engine, [dict(prompt=[1, 2, 3], max_tokens=23, ignore_eos=True)])
+    assert reason == "length" and tokens == generate(params, CFG, np.array([[1, 2, 3]]), 23)[0, 3:].tolist()
+    assert steps.count(BURST_STEPS) >= 4 and 22 <= sum(steps) <= 23, steps  # the first token is prefill's
+
+
 def test_requests_join_and_leave_a_running_batch(params):
     """Requests of different lengths submitted at different times: the batch grows and shrinks through its
     compiled sizes (1, 2, 4) while rows keep their slots, and every greedy answer is generate's."""
@@ -134,7 +146,7 @@ def test_requests_join_and_leave_a_running_batch(params):
             eng.submit(Request(prompt, n, on_token=lambda t, lp: outs[i].append(t),
                                on_finish=lambda r: finished.release()))
 
-        plan = [(PROMPTS[i], 6 + 5 * i) for i in range(6)]
+        plan = [(PROMPTS[i], min(20 + 4 * i, CFG.context_length - len(PROMPTS[i]))) for i in range(6)]
         submit(0, *plan[0])
         for i in range(1, 6):
             deadline = time.time() + 60
