@@ -1,4 +1,4 @@
-"""A continuous-batching decode engine for :mod:`gptjax.serve`: many requests decoded together, each at its
+"""A continuous-batching decode engine for :mod:`gptjax.cli.serve`: many requests decoded together, each at its
 own position, joining and leaving between steps.
 
 The KV cache has one row per decode slot (``max_batch`` of them, each the whole context long). A step decodes
@@ -219,7 +219,11 @@ class Engine:
         self.scoring: queue.Queue[ScoreRequest] = queue.Queue(maxsize=max_queue)
         self._unscored: list[ScoreRequest] = []  # taken from the queue, not yet in a pass
         self.on_step = on_step
-        self.cache = init_cache(cfg, max_batch)
+        # Committed to the device as every step's outputs are: jit compiles anew for an argument that changes
+        # from uncommitted (fresh zeros, numpy rows) to committed, which once made each shape compile twice,
+        # the second time mid-request.
+        self.device = jax.devices()[0]
+        self.cache = jax.device_put(init_cache(cfg, max_batch), self.device)
         self.slots: list[_Slot | None] = [None] * max_batch
         self.buckets = batch_buckets(max_batch)
         self._changed = True  # the busy slots changed since the decode batch was built
@@ -239,7 +243,8 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every shape a request can hit (each prefill width, each decode batch with and without
-        log-probs) now, on padding that writes nothing a request reads."""
+        log-probs, in bursts too) now, on padding that writes nothing a request reads."""
+        jax.block_until_ready(_request_key(0))
         zero_f, zero_i = np.float32(0), np.int32(0)
         for width in self.prefill_widths():
             for first in (True, False):
@@ -293,7 +298,7 @@ class Engine:
             r = s.request
             slot[i], token[i], pos[i], key[i] = order[i], s.token, s.pos, s.key
             temperature[i], top_k[i], top_p[i] = r.temperature, r.top_k, r.top_p
-        return Rows(slot, token, pos, key, temperature, top_k, top_p)
+        return jax.device_put(Rows(slot, token, pos, key, temperature, top_k, top_p), self.device)
 
     def _finish(self, index: int, reason: str) -> None:
         s = self.slots[index]

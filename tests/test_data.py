@@ -1,6 +1,5 @@
 """Data pipeline: the book's windows and batch counts, seeded/resumable shuffling, token files, llm.c shards and --data-dir folders."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ continuation never touches a full-context cache; on CPU one whole-context cache 
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -11,7 +11,7 @@ import pytest
 import gptjax
 import gptjax.engine
 from gptjax.engine import BURST_STEPS, Engine, Request
-from gptjax.sampling import generate  # not gptjax.generate: importing the CLI module gptjax.generate shadows it
+from gptjax import generate
 
 CFG = gptjax.get_config("GPT_CONFIG_124M", context_length=64, emb_dim=32, n_layers=2, n_heads=2)
 
@@ -129,6 +129,31 @@ def test_one_stream_decodes_in_bursts_and_ends_at_its_length(engine, params, mon
     (tokens, reason), = run_all(engine, [dict(prompt=[1, 2, 3], max_tokens=23, ignore_eos=True)])
     assert reason == "length" and tokens == generate(params, CFG, np.array([[1, 2, 3]]), 23)[0, 3:].tolist()
     assert steps.count(BURST_STEPS) >= 4 and 22 <= sum(steps) <= 23, steps  # the first token is prefill's
+
+
+def test_after_warm_up_serving_compiles_nothing(params):
+    """Every shape a request can hit is compiled by warm_up (a compile mid-request stalls every stream for
+    its duration): prompts of each prefill width, one to max_batch rows decoding, bursts, log-probs."""
+    import jax.monitoring
+
+    eng = Engine(params, CFG, max_batch=4, prefill_chunk=16)
+    eng.warm_up()
+    compiles = []
+
+    def listen(event: str, seconds: float, **kw) -> None:
+        if event.startswith("/jax/core/compile/"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    eng.start()
+    try:
+        run_all(eng, [dict(prompt=[1, 2, 3], max_tokens=9, ignore_eos=True)])  # alone: bursts
+        run_all(eng, [dict(prompt=p, max_tokens=6, temperature=0.5 * (i % 2), logprobs=1 if i == 2 else None, seed=i)
+                      for i, p in enumerate(PROMPTS)])
+    finally:
+        eng.stop()
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiles == []
 
 
 def test_requests_join_and_leave_a_running_batch(params):
