@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, print_table, write_json  # noqa: E402
 
-from gptjax import prepare  # noqa: E402
+from gptjax.cli import prepare  # noqa: E402
 from gptjax.tokenizer import get_tokenizer, load_default_corpus  # noqa: E402
 
 

@@ -40,7 +40,7 @@ from gptjax.config import GPTConfig  # noqa: E402
 from gptjax.data import GPTDataset, create_dataloader  # noqa: E402
 from gptjax.model import init_params  # noqa: E402
 from gptjax.sampling import generate  # noqa: E402
-from gptjax.train import main  # noqa: E402
+from gptjax.cli.train import main  # noqa: E402
 from gptjax.training import TrainConfig, make_optimizer  # noqa: E402
 
 # The tiny model of the issue; dropout 0 so that every mesh computes the same function.

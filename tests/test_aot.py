@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from gptjax import aot
+from gptjax.cli import aot
 
 # The persistent compilation cache (tests/conftest.py) stores compile-only executables it cannot load back:
 # each such compile warns once and compiles for real, which is what these tests want anyway.

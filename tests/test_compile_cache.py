@@ -147,7 +147,7 @@ def test_empty_flag_is_an_error():
 
 @pytest.mark.parametrize("tool", sorted(TOOLS_WITH_THE_FLAGS))
 def test_flags_parse_in_every_tool_that_compiles(tool, capsys):
-    module, required = importlib.import_module(f"gptjax.{tool}"), TOOLS_WITH_THE_FLAGS[tool]
+    module, required = importlib.import_module(f"gptjax.cli.{tool}"), TOOLS_WITH_THE_FLAGS[tool]
     parse = module.build_parser().parse_args
     assert vars(parse([*required, "--compile-cache", "some/dir"]))["compile_cache"] == "some/dir"
     assert vars(parse([*required, "--no-compile-cache"]))["compile_cache"] is False
@@ -161,7 +161,7 @@ def test_flags_parse_in_every_tool_that_compiles(tool, capsys):
 
 @pytest.mark.parametrize("tool", TOOLS_WITHOUT)
 def test_tools_that_compile_nothing_have_no_cache_flags(tool):
-    assert "--compile-cache" not in importlib.import_module(f"gptjax.{tool}").build_parser().format_help()
+    assert "--compile-cache" not in importlib.import_module(f"gptjax.cli.{tool}").build_parser().format_help()
 
 
 def test_precedence(tmp_path, monkeypatch):
@@ -184,7 +184,7 @@ def test_precedence(tmp_path, monkeypatch):
 
 
 def test_resume_may_name_a_compile_cache(tmp_path):
-    train = importlib.import_module("gptjax.train")
+    train = importlib.import_module("gptjax.cli.train")
     # The cache changes no result, so it is not one of the settings a resumed run must keep.
     with pytest.raises((ValueError, OSError)) as e:
         train._resume_settings({"resume": str(tmp_path / "no-run"), "compile_cache": "d"})

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.plugin_event_accumulator import EventA
 from tensorboard.util.tensor_util import make_ndarray
 
 from gptjax.dashboard import POSITION
-from gptjax.train import main
+from gptjax.cli.train import main
 from tests.test_train_cli import STORY, TINY, read_jsonl
 
 

@@ -2,8 +2,9 @@
 README and docs/ parses with that tool's own argument parser (nothing runs), and every relative link in them
 points to a file (and heading) that exists.
 
-A tool is found by name: ``gptjax.<tool>`` imported with importlib, its parser built by ``build_parser()``, so a
-new CLI module is covered as soon as a page shows it. A ``gptjax-<tool>`` console script is looked up in
+A tool is found by name: ``python -m gptjax.<tool>`` runs ``gptjax/<tool>.py``, which runs ``gptjax.cli.<tool>``;
+that module is imported with importlib and its parser built by ``build_parser()``, so a new CLI module is
+covered as soon as a page shows it. A ``gptjax-<tool>`` console script is looked up in
 pyproject.toml's ``[project.scripts]``. A literal ``...`` in a command stands for flags left out and is skipped.
 """
 
@@ -47,7 +48,7 @@ def rel(path: Path) -> str:
 
 
 def console_scripts() -> dict[str, str]:
-    """``gptjax-train`` -> ``gptjax.train``, from pyproject.toml."""
+    """``gptjax-train`` -> ``gptjax.cli.train``, from pyproject.toml."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {})
     return {name: target.split(":")[0] for name, target in scripts.items()}
 
@@ -137,6 +138,16 @@ def collect_commands(path: Path, scripts: dict[str, str] | None = None) -> list[
     return found
 
 
+def tool_module(module: str) -> str | None:
+    """The module that builds a command's parser: ``python -m gptjax.train`` runs gptjax/train.py, which runs
+    gptjax.cli.train (console scripts name gptjax.cli.* directly); None when there is no such module."""
+    if module.startswith("gptjax.cli."):
+        return module if (ROOT / (module.replace(".", "/") + ".py")).is_file() else None
+    tool = module.removeprefix("gptjax.")
+    shim, code = ROOT / "gptjax" / f"{tool}.py", ROOT / "gptjax" / "cli" / f"{tool}.py"
+    return f"gptjax.cli.{tool}" if "." not in tool and shim.is_file() and code.is_file() else None
+
+
 class ParseError(Exception):
     pass
 
@@ -145,12 +156,10 @@ def parse_error(command: Command) -> str | None:
     """Why ``command`` does not parse with its tool's own parser, or None when it does."""
     if command.module is None:
         return f"{command.name} is not a console script of pyproject.toml's [project.scripts]"
-    try:
-        module = importlib.import_module(command.module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and command.module.startswith(e.name):
-            return f"{command.name}: there is no module {command.module}"
-        raise
+    target = tool_module(command.module)
+    if target is None:
+        return f"{command.name}: there is no module {command.module}"
+    module = importlib.import_module(target)
     builder = getattr(module, BUILDER, None)
     if builder is None:
         return f"{command.module} has no {BUILDER}() to build its argument parser"

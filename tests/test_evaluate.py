@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptjax import GPTConfig, get_tokenizer
-from gptjax.evaluate import main
+from gptjax.cli.evaluate import main
 from gptjax.tokenizer import load_default_corpus
 from tests.torch_reference import GPTModel as TorchGPTModel
 from tests.torch_reference import randomize_

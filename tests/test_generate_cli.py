@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptjax import GPTConfig, get_tokenizer, text_to_token_ids, token_ids_to_text
-from gptjax.generate import main
+from gptjax.cli.generate import main
 from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID
 from tests.torch_reference import GPTModel as TorchGPTModel
 from tests.torch_reference import generate_text_simple, randomize_

@@ -220,7 +220,7 @@ def test_bad_requests_fail_before_writing(params, tmp_path):
 def test_convert_cli_writes_gguf_by_suffix(tmp_path):
     """``python -m gptjax.convert SRC model.gguf --gguf-type q8_0`` writes the GGUF writer's file; the flag
     without a GGUF destination, and a .gguf source, are one-line errors."""
-    from gptjax import convert
+    from gptjax.cli import convert
     from gptjax.weights import load_weights, save_weights
 
     cfg = GPTConfig(vocab_size=50257, context_length=16, emb_dim=64, n_layers=1, n_heads=2, drop_rate=0.0)

@@ -12,8 +12,8 @@ import torch
 import gptjax
 from gptjax import GPTConfig, get_tokenizer, hellaswag
 from gptjax.checkpoint import load_params
-from gptjax.evaluate import main as evaluate_main
-from gptjax.train import main as train_main
+from gptjax.cli.evaluate import main as evaluate_main
+from gptjax.cli.train import main as train_main
 from gptjax.weights import save_weights
 from tests.test_dashboards import accumulator, scalars
 from tests.test_train_cli import STORY, TINY, read_jsonl

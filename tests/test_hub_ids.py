@@ -43,12 +43,13 @@ print(json.dumps(results))
 
 def tools(weights: str, out: Path, corpus: Path) -> list:
     return [
-        ("gptjax.generate", ["--weights", weights, "--prompt", "Every effort", "--max-new-tokens", "3",
-                             "--temperature", "0"]),
-        ("gptjax.evaluate", ["--weights", weights, "--corpus", str(corpus)]),
-        ("gptjax.convert", [weights, str(out / "converted")]),
-        ("gptjax.train", ["--init-from", weights, "--corpus", str(corpus), "--batch-size", "2", "--max-steps", "1",
-                          "--no-shuffle", "--start-context", "", "--no-progress", "--out", str(out / "run")]),
+        ("gptjax.cli.generate", ["--weights", weights, "--prompt", "Every effort", "--max-new-tokens", "3",
+                                 "--temperature", "0"]),
+        ("gptjax.cli.evaluate", ["--weights", weights, "--corpus", str(corpus)]),
+        ("gptjax.cli.convert", [weights, str(out / "converted")]),
+        ("gptjax.cli.train", ["--init-from", weights, "--corpus", str(corpus), "--batch-size", "2",
+                              "--max-steps", "1", "--no-shuffle", "--start-context", "", "--no-progress",
+                              "--out", str(out / "run")]),
     ]
 
 

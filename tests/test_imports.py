@@ -99,3 +99,30 @@ def test_no_weights_module_imports_a_sibling_format(module):
     imported = import_graph()[f"gptjax.weights.{module}"]
     siblings = {f"gptjax.weights.{m}" for m in READERS + NAMINGS}
     assert not imported & siblings, sorted(imported & siblings)
+
+
+def shims() -> set[str]:
+    """``gptjax/<tool>.py``: what ``python -m gptjax.<tool>`` runs, only to hand over to ``gptjax.cli.<tool>``."""
+    return {m for m, path in modules().items() if "command_shim(__name__" in path.read_text()}
+
+
+def test_the_library_never_imports_the_command_line():
+    graph = import_graph()
+    library = [m for m in graph if not (m == "gptjax.cli" or m.startswith("gptjax.cli.")) and m not in shims()]
+    assert {"gptjax.train", "gptjax.generate", "gptjax.serve"} <= shims()
+    offenders = {m: sorted(t for t in graph[m] if t == "gptjax.cli" or t.startswith("gptjax.cli."))
+                 for m in library}
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
+def test_gptjax_generate_stays_the_function_whatever_is_imported():
+    import importlib
+
+    import gptjax
+    from gptjax.sampling import generate
+
+    for tool in sorted(shims()):
+        importlib.import_module(tool.replace("gptjax.", "gptjax.cli.", 1))
+        with pytest.raises(ImportError, match=rf"python -m {tool}"):
+            importlib.import_module(tool)
+    assert gptjax.generate is generate

@@ -3,13 +3,12 @@ and training on a shard folder through ``python -m gptjax.train --data-dir``."""
 
 import gzip
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import gptjax.prepare as prepare
+import gptjax.cli.prepare as prepare
 from gptjax.data import load_data_dir
 from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -219,7 +218,7 @@ def test_llmc_shard_folder_trains_and_resumes_exactly(tmp_path):
     import jax
     from gptjax.checkpoint import load_params
     from gptjax.data import write_shard
-    from gptjax.train import main as train
+    from gptjax.cli.train import main as train
 
     rng = np.random.default_rng(0)
     shards = tmp_path / "fineweb10B"

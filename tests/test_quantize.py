@@ -10,7 +10,7 @@ import torch
 import gptjax
 from gptjax import GPTConfig, cpu_kernels
 from gptjax.data import create_dataloader, split_text
-from gptjax.generate import main
+from gptjax.cli.generate import main
 from gptjax.quantize import (
     QuantizedKernel,
     dequantize_params,

@@ -22,8 +22,8 @@ import pytest
 import gptjax
 from gptjax import GPTConfig, load_weights, save_weights
 from gptjax.checkpoint import latest_step
-from gptjax.convert import main as convert_main
-from gptjax.train import main as train_main
+from gptjax.cli.convert import main as convert_main
+from gptjax.cli.train import main as train_main
 from gptjax.training import TrainConfig
 from tests.test_train_cli import STORY, TINY, read_jsonl
 
@@ -212,7 +212,7 @@ def test_sigint_and_sigterm_save_and_resume_exactly(reference_run, long_corpus, 
 
 
 def test_a_second_signal_aborts_at_once():
-    from gptjax.train import StopSignals
+    from gptjax.cli.train import StopSignals
 
     previous = signal.getsignal(signal.SIGINT)
     with StopSignals() as signals:
@@ -291,8 +291,8 @@ def test_training_errors_name_the_flag(long_corpus, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name", ["gptjax.convert", "gptjax.download", "gptjax.evaluate", "gptjax.generate",
-                                  "gptjax.train"])
+@pytest.mark.parametrize("name", ["gptjax.cli.convert", "gptjax.cli.download", "gptjax.cli.evaluate",
+                                  "gptjax.cli.generate", "gptjax.cli.train"])
 def test_every_flag_has_help_with_its_default(name):
     parser = importlib.import_module(name).build_parser()
     for action in parser._actions:

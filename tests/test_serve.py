@@ -22,7 +22,7 @@ import pytest
 
 import gptjax
 from gptjax import GPTConfig
-from gptjax.sampling import generate  # not gptjax.generate: importing the CLI module gptjax.generate shadows it
+from gptjax import generate
 
 openai = pytest.importorskip("openai")  # the serve extra's client; part of dev
 

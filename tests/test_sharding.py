@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from gptjax.checkpoint import latest_step, load_params
 from gptjax.config import GPTConfig
 from gptjax.sharding import fsdp_spec, make_mesh, parse_mesh
-from gptjax.train import build_loaders
+from gptjax.cli.train import build_loaders
 from gptjax.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ import pytest
 import gptjax.training
 from gptjax.checkpoint import latest_step, load_params, save_params
 from gptjax.config import GPT_CONFIG_124M, GPTConfig
-from gptjax.train import build_loaders, build_parser, main
+from gptjax.cli.train import build_loaders, build_parser, main
 from gptjax.training import TrainConfig, calc_loss_batch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import gptjax
 from gptjax import GPTConfig, get_config
-from gptjax.convert import main as convert_main
+from gptjax.cli.convert import main as convert_main
 from gptjax.weights import detect_format, load_weights, save_weights
 from gptjax.weights.hf import hf_table
 from gptjax.weights.mapping import AssumedHeadsWarning, params_from_tensors

@@ -16,8 +16,8 @@ import torch
 
 import gptjax
 from gptjax import GPTConfig, get_tokenizer, text_to_token_ids, token_ids_to_text
-from gptjax.convert import main as convert_main
-from gptjax.generate import main as generate_main
+from gptjax.cli.convert import main as convert_main
+from gptjax.cli.generate import main as generate_main
 from gptjax.weights import detect_format, load_weights, save_weights
 from gptjax.weights import load_openai_checkpoint
 from gptjax.weights.openai import book_params, openai_to_params

@@ -328,3 +328,15 @@ def setup_compile_cache(args: argparse.Namespace | dict[str, Any] | None = None,
             jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax_cache.reset_cache()  # a cache jax already opened in this process (main() called twice) is reopened
     return folder
+
+
+def command_shim(module_name: str, tool: str) -> None:
+    """The body of ``gptjax/<tool>.py``, which keeps the documented ``python -m gptjax.<tool>`` working while
+    the code lives in ``gptjax.cli.<tool>``. Imported rather than run, such a module would replace a
+    same-named attribute of the package (``gptjax.generate``, the sampling function), so it refuses."""
+    if module_name != "__main__":
+        raise ImportError(f"gptjax.{tool} only runs as `python -m gptjax.{tool}`; import gptjax.cli.{tool} for "
+                          "its code")
+    import importlib
+
+    sys.exit(importlib.import_module(f"gptjax.cli.{tool}").main())

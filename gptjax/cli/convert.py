@@ -1,0 +1,62 @@
+"""Convert model weights between formats.
+
+    python -m gptjax.convert SRC DST [--format gptjax|torch|hf|openai|gguf] [--gguf-type f32|f16|q8_0]
+                             [--overwrite] [--n-heads N]
+
+SRC is anything gptjax.weights.load_weights reads (a gptjax run or checkpoint directory, a torch
+.pth/.pt, a .safetensors file or Hugging Face folder, an OpenAI GPT-2 folder). DST is written in
+--format (default: torch for a .pth/.pt name, gguf for a .gguf one (llama.cpp's GPT-2 layout), else gptjax); nothing is left there if it fails. An
+existing DST needs --overwrite, which replaces only the files the format writes (the weights and their
+config): a tokenizer or anything else in a DST folder stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptjax import cli
+from gptjax.atomic import check_overwrite
+from gptjax.weights import FORMATS, save_weights
+from gptjax.weights.gguf import GGUF_SUFFIX, GGUF_TYPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gptjax.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", help="weights to read (format detected)")
+    parser.add_argument("dst", help="where to write them")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="output format (default: torch for a .pth/.pt DST, gguf for a .gguf one, else gptjax)")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                        help="tensor type of a GGUF DST: f16 / q8_0 store the matrices so, norms, biases and the "
+                        "position embedding stay f32, as llama.cpp's converter keeps them (default: f32)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the weights and config at an existing DST, keeping its other files "
+                        "(default: off, an existing DST is refused)")
+    cli.add_n_heads_flag(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    gguf_out = args.format == "gguf" or (args.format is None and args.dst.endswith(GGUF_SUFFIX))
+    if args.gguf_type is not None and not gguf_out:
+        print(f"error: --gguf-type applies to GGUF output; name DST *{GGUF_SUFFIX} or add --format gguf",
+              file=sys.stderr)
+        return 2
+    options = {"gguf_type": args.gguf_type or "f32"} if gguf_out else {}
+    try:
+        check_overwrite(args.dst, args.overwrite)  # before reading SRC, which can take a while
+        params, cfg = cli.load_weights_flag(args.src, args.n_heads, flag_name="SRC")
+        save_weights(params, cfg, args.dst, format=args.format, overwrite=args.overwrite, **options)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst} ({args.format or 'format from its name'}): {cfg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
