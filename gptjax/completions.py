@@ -1,6 +1,6 @@
 """Completion requests to the engine and back: each choice handed to :class:`gptjax.engine.Engine` (or, for an
 echoed prompt with log-probs, to its scoring pass), its tokens gathered from the engine thread, and the
-response built on the event loop, whole or as server-sent events. :mod:`gptjax.cli.serve` routes HTTP to it; the
+response built on the event loop, whole or as server-sent events. :mod:`gptjax.app` routes HTTP to it; the
 shapes are :mod:`gptjax.openai_api`'s.
 """
 

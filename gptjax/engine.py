@@ -1,4 +1,4 @@
-"""A continuous-batching decode engine for :mod:`gptjax.cli.serve`: many requests decoded together, each at its
+"""A continuous-batching decode engine for :mod:`gptjax.app`: many requests decoded together, each at its
 own position, joining and leaving between steps.
 
 The KV cache has one row per decode slot (``max_batch`` of them, each the whole context long). A step decodes

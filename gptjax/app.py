@@ -1,0 +1,140 @@
+"""The OpenAI-compatible HTTP app over a running engine: routes only. The request and response shapes (and
+GPT-2's plain-text chat template) are :mod:`gptjax.openai_api`'s; handing requests to the engine and streaming
+the answers, :mod:`gptjax.completions`'; the engine, :mod:`gptjax.engine`. ``python -m gptjax.serve``
+(:mod:`gptjax.cli.serve`) runs it with uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gptjax.config import GPTConfig
+from gptjax.completions import Completions, Metrics
+from gptjax.engine import Engine
+from gptjax.model import Params
+from gptjax.openai_api import (APIError, Sampling, model_list, parse_body, parse_prompts, parse_sampling, parse_text,
+                               parse_token_ids, render_chat, tokenizer_card)
+from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", max_batch: int = 8,
+               weights_dtype: str = "float32", dtype: str = "float32", max_queue: int = 64,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a warmed-up, running :class:`Engine` (``app.state.engine``; stopped at shutdown)."""
+    tokenizer = get_tokenizer()
+    metrics = Metrics()
+    engine = Engine(params, cfg, max_batch=max_batch, weights_dtype=weights_dtype, dtype=dtype,
+                    max_queue=max_queue, on_step=metrics.on_step)
+    engine.warm_up()
+    engine.start()
+    jobs = Completions(engine, tokenizer, cfg, metrics, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="gptjax", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.middleware("http")
+    async def auth_and_count(request: HTTPRequest, call_next):
+        path = request.url.path
+        if api_key and path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {api_key}":
+            response = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None,
+                                "invalid_api_key", "authentication_error").response()
+        else:
+            response = await call_next(request)
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return e.response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_text():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return model_list(model_name, cfg)
+
+    # The tokenizer in vLLM's shapes: lm-evaluation-harness's tokenizer_backend=remote needs nothing else.
+    @app.post("/tokenize")
+    async def tokenize(request: HTTPRequest):
+        tokens = tokenizer.encode(parse_text(await body_of(request)), allowed_special={"<|endoftext|>"})
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": cfg.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HTTPRequest):
+        return {"prompt": tokenizer.decode(parse_token_ids(await body_of(request), cfg.vocab_size))}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return tokenizer_card(tokenizer.decode([ENDOFTEXT_ID]), cfg)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return (STATIC / "index.html").read_text()
+
+    async def body_of(request: HTTPRequest) -> dict:
+        return parse_body(await request.body(), model_name)
+
+    async def respond(prompts: list[list[int]], s: Sampling, chat: bool, body: dict):
+        job = jobs.submit(prompts, s, chat=chat)
+        if not s.stream:
+            return await jobs.complete(job)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(jobs.stream(job, include_usage=include_usage), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: HTTPRequest):
+        body = await body_of(request)
+        s = parse_sampling(body, cfg, chat=False)
+        return await respond(parse_prompts(body, tokenizer, cfg.vocab_size), s, chat=False, body=body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: HTTPRequest):
+        body = await body_of(request)
+        s = parse_sampling(body, cfg, chat=True)
+        return await respond([tokenizer.encode(render_chat(body.get("messages")))], s, chat=True, body=body)
+
+    return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, printing the address once it listens, and exiting normally on SIGINT / SIGTERM
+    (uvicorn re-raises the signal after its graceful shutdown, which would end the process with it)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            print(f"gptjax serving on http://{self.config.host}:{self.config.port}", flush=True)
