@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
-OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it"
+OVERWRITE_HINT = "pass overwrite=True to replace it"
 
 
 def check_overwrite(path: str | os.PathLike, overwrite: bool) -> None:

@@ -1,5 +1,5 @@
 """The run's metrics, samples and settings for dashboards: TensorBoard event files in the run directory
-(``tensorboard --logdir runs`` compares runs) and, with ``--wandb PROJECT``, a Weights & Biases run.
+(``tensorboard --logdir runs`` compares runs) and, given a wandb project, a Weights & Biases run.
 
 Fed by :class:`gptjax.cli.train.RunWriter` with the records it appends to metrics.jsonl, which are host
 floats by then: writing them never waits for the device.
@@ -14,11 +14,11 @@ from typing import Any
 
 # Where a record was taken; the step records carry epoch and tokens_seen as scalars, the others repeat them.
 POSITION = ("epoch", "tokens_seen")
-WANDB_MISSING = "--wandb needs the wandb package: pip install 'gptjax[wandb]'"
+WANDB_MISSING = "wandb_project needs the wandb package: pip install 'gptjax[wandb]'"
 
 
 def check_wandb() -> None:
-    """Raise the one-line error for --wandb without its package, before any slow work."""
+    """Raise the one-line error for a wandb project without its package, before any slow work."""
     try:
         import wandb  # noqa: F401
     except ImportError:

@@ -281,16 +281,16 @@ def load_data_dir(data_dir: str | os.PathLike) -> tuple[np.ndarray | TokenShards
     val.bin. Every header is checked here, before any training."""
     d = Path(data_dir)
     if not d.is_dir():
-        raise FileNotFoundError(f"--data-dir {d} is not a folder; {PREPARE_HINT} --out {d}")
+        raise FileNotFoundError(f"data_dir {d} is not a folder; {PREPARE_HINT}")
     train, val = shard_paths(d)
     if train or val:
         if not (train and val):
             have, lack = ("train", "val") if train else ("val", "train")
-            raise ValueError(f"--data-dir {d} has *_{have}_*.bin shards but no *_{lack}_*.bin shard; both splits "
+            raise ValueError(f"data_dir {d} has *_{have}_*.bin shards but no *_{lack}_*.bin shard; both splits "
                              "are needed")
         return tuple(p[0] if len(p) == 1 else TokenShards(p)
                      for p in ([load_shard(f) for f in train], [load_shard(f) for f in val]))
     if not (d / "train.bin").exists() and not (d / "val.bin").exists():
-        raise FileNotFoundError(f"--data-dir {d} holds neither llm.c shards (*_train_*.bin, *_val_*.bin) nor "
-                                f"train.bin and val.bin; {PREPARE_HINT} --out {d}")
+        raise FileNotFoundError(f"data_dir {d} holds neither llm.c shards (*_train_*.bin, *_val_*.bin) nor "
+                                f"train.bin and val.bin; {PREPARE_HINT}")
     return load_token_file(d / "train.bin"), load_token_file(d / "val.bin")

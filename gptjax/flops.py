@@ -24,7 +24,7 @@ from gptjax.model import abstract_params, param_count
 # compute dtypes of the train step (TrainConfig.dtype). "float32" is the rate of a float32 matmul at JAX's
 # default precision, which is what the model's matmuls use: TF32 tensor cores on NVIDIA A100/H100/H200, one
 # bfloat16 pass of the MXU on TPU (so the bfloat16 figure). Only devices whose datasheet and device_kind
-# are known are listed; for any other, pass the peak yourself (``--peak-tflops``).
+# are known are listed; for any other, pass the peak yourself (``peak_tflops``).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     # NVIDIA A100 datasheet: BF16 312, TF32 156 (SXM4 and PCIe alike).
     "NVIDIA A100-SXM4-40GB": {"bfloat16": 312.0, "float32": 156.0},

@@ -38,7 +38,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
         if not sep or name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(
                 f"bad mesh {spec!r}: expected comma-separated axis=size with axes {list(MESH_AXES)}, "
-                "e.g. --mesh data=4,fsdp=2"
+                "e.g. mesh 'data=4,fsdp=2'"
             )
         sizes[name.strip()] = int(value)
     return sizes

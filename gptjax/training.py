@@ -109,7 +109,7 @@ class TrainConfig:
     shuffle: bool = True
     dtype: str = "float32"  # matmul compute dtype of the train step: "float32" or "bfloat16" (mixed precision)
     remat: bool = False  # recompute each block's activations in the backward pass (less memory, more compute)
-    save_every: int = 0  # 0: no step-based saves (the end, --save-minutes and a stop request still save)
+    save_every: int = 0  # 0: no step-based saves (the end, save_minutes and a stop request still save)
     save_minutes: float = 10.0  # also save when this long has passed since the last save; 0: never by time
     keep: int = 3
 
@@ -511,7 +511,7 @@ def train_model_simple(
                 raise NonFiniteLossError(
                     f"the loss is {loss} (gradient norm {grad_norm}) at step {record['step']}, epoch "
                     f"{record['epoch']}: training diverged, so it stopped without saving; the last good "
-                    "checkpoint is kept. Try a lower --lr, --grad-clip 1.0 or --warmup-steps"
+                    "checkpoint is kept. Try a lower lr, grad_clip 1.0 or more warmup_steps"
                 )
             record = {**record, "loss": loss, "lr": metrics["lr"], "grad_norm": grad_norm, **_rounded(step_speed)}
             history.step_losses.append(loss)

@@ -63,7 +63,7 @@ def test_save_params_round_trip_keeps_int_keys(params, tmp_path):
     assert 0 in loaded["trf_blocks"] and 2 in loaded["trf_blocks"][0]["ff"]["layers"]
     assert_same_tree(loaded, params)
     # Overwriting an earlier save needs overwrite=True, and replaces it.
-    with pytest.raises(ValueError, match=r"w already exists; pass --overwrite \(overwrite=True in Python\)"):
+    with pytest.raises(ValueError, match=r"w already exists; pass overwrite=True to replace it"):
         save_params(params, CFG, tmp_path / "w")
     save_params(jax.tree_util.tree_map(lambda x: x * 2, params), CFG, tmp_path / "w", overwrite=True)
     assert_same_tree(load_params(tmp_path / "w")[0], jax.tree_util.tree_map(lambda x: x * 2, params))
@@ -73,7 +73,7 @@ def test_save_params_round_trip_keeps_int_keys(params, tmp_path):
 def test_save_params_refuses_to_replace_something_else(params, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="notes already exists; pass --overwrite"):
+    with pytest.raises(ValueError, match="notes already exists; pass overwrite=True"):
         save_params(params, CFG, tmp_path / "notes")
     save_params(params, CFG, tmp_path / "notes", overwrite=True)  # beside the user's file, which stays
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep me"

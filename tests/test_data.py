@@ -238,7 +238,7 @@ def test_bad_shards_are_one_error_naming_the_file(tmp_path):
     bad.unlink()
     with pytest.raises(ValueError, match="no \\*_train_\\*.bin"):
         load_data_dir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="gptjax.prepare"):
+    with pytest.raises(FileNotFoundError, match="data_dir .*nothing is not a folder; make it with python -m gptjax"):
         load_data_dir(tmp_path / "nothing")
     np.testing.assert_array_equal(load_shard(good), np.arange(50))
 

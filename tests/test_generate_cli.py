@@ -53,7 +53,7 @@ def test_greedy_matches_the_torch_reference(capsys, torch_pth):
     assert code == 0 and out == want + "\n"
     # A .pth without its config: one notice with the head count assumed and how to override it.
     assert err == (f"note: torch checkpoint {path} holds no head count: assuming 1 head of 64 (GPT-2's head size); "
-                   "if that is wrong, pass --n-heads N on the command line (cfg= in Python)\n")
+                   "if that is wrong, pass the head count as --n-heads\n")
     code, out2, err = run(capsys, "--weights", path, "--prompt", PROMPT, "--max-new-tokens", "8", "--temperature", "0",
                           "--n-heads", "1")
     assert (code, out2, err) == (0, out, "")

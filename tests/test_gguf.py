@@ -199,7 +199,7 @@ def test_tokenizer_tokens_and_merges_reencode_like_tiktoken(written):
 def test_refuses_existing_file_without_overwrite(params, tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"not mine to replace")
-    with pytest.raises(ValueError, match="already exists.*--overwrite"):
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
         save_gguf(params, CFG, path)
     assert path.read_bytes() == b"not mine to replace"
     save_gguf(params, CFG, path, gguf_type="q8_0", overwrite=True)

@@ -2,6 +2,7 @@
 included, read from the source with ast (nothing is imported)."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,25 @@ def test_gptjax_generate_stays_the_function_whatever_is_imported():
         with pytest.raises(ImportError, match=rf"python -m {tool}"):
             importlib.import_module(tool)
     assert gptjax.generate is generate
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+
+
+def flags_in_messages(path: Path) -> list[str]:
+    """Command-line flags in a module's string literals other than docstrings (its messages)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [f"{path.name}:{node.lineno}: {match}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            for match in FLAG.findall(node.value)]
+
+
+def test_library_messages_name_parameters_not_flags():
+    """The library speaks Python: its errors name parameters (``data_dir``, ``overwrite=True``), and the
+    command line's cli.error_line turns them into flags, in one place."""
+    library = [m for m in modules() if not (m == "gptjax.cli" or m.startswith("gptjax.cli.")) and m not in shims()]
+    assert [hit for m in library for hit in flags_in_messages(modules()[m])] == []
+    assert flags_in_messages(PACKAGE / "cli" / "train.py")  # the check sees flags where they are

@@ -66,7 +66,7 @@ def test_save_into_an_existing_destination_needs_overwrite_and_keeps_other_files
         (dest / "notes").mkdir()
         (dest / "notes" / "a.txt").write_text("mine")
     before = listing(tmp_path)
-    with pytest.raises(ValueError, match=r"already exists; pass --overwrite \(overwrite=True in Python\)"):
+    with pytest.raises(ValueError, match=r"already exists; pass overwrite=True to replace it"):
         save_weights(p2, CFG, dest, format=fmt)
     assert listing(tmp_path) == before and same(load_weights(dest)[0], p1)
     save_weights(p2, CFG, dest, format=fmt, overwrite=True)
@@ -87,7 +87,7 @@ def test_convert_refuses_an_existing_destination_in_one_line(params, tmp_path, c
     for dst, fmt in ((hf, ["--format", "hf"]), (tmp_path / "a.pth", [])):
         assert convert_main([str(tmp_path / "a.pth"), str(dst), *fmt]) == 2
         err = capsys.readouterr().err
-        assert err == f"error: {dst} already exists; pass --overwrite (overwrite=True in Python) to replace it\n"
+        assert err == f"error: {dst} already exists; pass --overwrite to replace it\n"  # the library's terms, as flags
     assert convert_main([str(tmp_path / "a.pth"), str(hf), "--format", "hf", "--overwrite"]) == 0
     assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors", "sub", "tokenizer.json"]
     assert same(load_weights(hf)[0], params)
@@ -122,8 +122,7 @@ def test_plain_config_json_is_read_only_when_it_matches(params, tmp_path):
         assert load_weights(path)[1] == CFG.replace(n_heads=1)
     assert len(caught) == 1
     assert str(caught[0].message) == (f"torch checkpoint {path} holds no head count: assuming 1 head of 64 (GPT-2's "
-                                      "head size); if that is wrong, pass --n-heads N on the command line (cfg= in "
-                                      "Python)")
+                                      "head size); if that is wrong, pass the head count as cfg.n_heads")
     assert load_weights(path, cfg=CFG)[1] == CFG  # cfg= overrides it, without a notice
 
 
@@ -142,7 +141,7 @@ def test_n_heads_flag_completes_a_pth_without_config(tmp_path, capsys):
     params = gptjax.init_params(cfg, seed=0)
     torch.save(gptjax.to_torch_state_dict(params, cfg), tmp_path / "m.pth")
     assert convert_main([str(tmp_path / "m.pth"), str(tmp_path / "out")]) == 2
-    assert "pass the config (--n-heads N on the command line" in capsys.readouterr().err
+    assert "is not a multiple of GPT-2's head size 64; pass the head count as --n-heads" in capsys.readouterr().err
     assert convert_main([str(tmp_path / "m.pth"), str(tmp_path / "out"), "--n-heads", "3"]) == 0
     assert load_weights(tmp_path / "out")[1] == cfg
     save_weights(params, cfg, tmp_path / "with_config.pth")

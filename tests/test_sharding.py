@@ -90,7 +90,7 @@ def test_parse_mesh():
     assert parse_mesh("data=4,fsdp=2") == {"data": 4, "fsdp": 2}
     assert parse_mesh("fsdp=8") == {"data": 1, "fsdp": 8}
     for bad in ("data=0", "data=x", "model=2", "data"):
-        with pytest.raises(ValueError, match="--mesh data=4,fsdp=2"):
+        with pytest.raises(ValueError, match="e.g. mesh 'data=4,fsdp=2'"):
             parse_mesh(bad)
     with pytest.raises(ValueError, match="needs 2 devices but 1 are available"):
         make_mesh({"data": 2})
@@ -147,7 +147,7 @@ def test_loader_builds_global_batches_of_the_plain_loaders_rows(one_process):
 def test_mesh_errors_are_one_line_and_early(one_process):
     errors = one_process[1]["errors"]
     expected = {"batch": "batch size 4 does not divide over the 8 data-parallel shards",
-                "devices": "needs 3 devices but 8 are available", "axis": "bad mesh 'model=8'"}
+                "devices": "needs 3 devices but 8 are available", "axis": "bad --mesh 'model=8'"}
     for name, text in expected.items():
         e = errors[name]
         assert e["code"] == 2 and e["message"].startswith("error: ") and text in e["message"], e

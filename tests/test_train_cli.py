@@ -199,7 +199,9 @@ def test_bad_input_is_a_one_line_error(corpus, full_run, tmp_path, capsys):
     assert "--resume" in run_error(capsys, *TINY, "--corpus", corpus, "--out", full_run)
     assert "--lr cannot change" in run_error(capsys, "--resume", full_run, "--lr", "0.1")
     assert "not a gptjax run directory" in run_error(capsys, "--resume", tmp_path)
-    assert "gptjax.prepare" in run_error(capsys, *TINY, "--data-dir", tmp_path, "--out", tmp_path / "g")
+    # The library names its parameter (data_dir); the command line says the flag the user typed.
+    assert f"--data-dir {tmp_path} holds neither" in run_error(capsys, *TINY, "--data-dir", tmp_path, "--out",
+                                                               tmp_path / "g")
     assert "--peak-tflops" in run_error(capsys, *TINY, "--corpus", corpus, "--peak-tflops", "0", "--out", tmp_path / "h")
     assert not (tmp_path / "h").exists()
     assert "--train-tokens" in run_error(capsys, *TINY, "--train-tokens", tmp_path / "x.bin", "--out", tmp_path / "h")

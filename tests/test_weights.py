@@ -95,7 +95,7 @@ def test_pth_config_from_shapes_sidecar_or_given(tmp_path, params):
     path = tmp_path / "model.pth"
     torch.save(gptjax.to_torch_state_dict(params, CFG), path)
     # 48 is no multiple of GPT-2's 64-wide heads, and the shapes do not hold the head count
-    with pytest.raises(ValueError, match=r"model.pth: the head count cannot be read .* pass the config"):
+    with pytest.raises(ValueError, match=r"model.pth: the head count cannot be read .* as cfg.n_heads"):
         load_weights(path)
     (tmp_path / "config.json").write_text(json.dumps(CFG.replace(drop_rate=0.0).to_dict()))  # the book's dict
     assert load_weights(path)[1] == CFG.replace(drop_rate=0.0)
@@ -108,7 +108,7 @@ def test_pth_config_from_shapes_sidecar_or_given(tmp_path, params):
     gpt2_like = GPTConfig(vocab_size=50, context_length=8, emb_dim=128, n_layers=1, n_heads=2, qkv_bias=False)
     (tmp_path / "other").mkdir()
     torch.save(TorchGPTModel(gpt2_like.to_dict()).state_dict(), tmp_path / "other" / "m.pt")
-    with pytest.warns(AssumedHeadsWarning, match=r"assuming 2 heads of 64 .* pass --n-heads N"):  # one notice
+    with pytest.warns(AssumedHeadsWarning, match=r"assuming 2 heads of 64 .* pass the head count as cfg.n_heads"):  # one notice
         assert load_weights(tmp_path / "other" / "m.pt")[1] == gpt2_like
 
 
@@ -344,7 +344,7 @@ def test_failed_saves_leave_nothing(tmp_path, params, monkeypatch):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "keep.txt").write_text("mine")
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="d already exists; pass --overwrite"):
+    with pytest.raises(ValueError, match="d already exists; pass overwrite=True"):
         save_weights(params, CFG, tmp_path / "d", format="hf")
     assert (tmp_path / "d" / "keep.txt").read_text() == "mine"
     save_weights(params, CFG, tmp_path / "hf", format="hf")  # a .pth's config must not clobber HF's

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,7 +93,7 @@ def train_config(args: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig(**{k: v for k, v in args.items() if k in TrainConfig.__dataclass_fields__})
     except ValueError as e:
-        raise ValueError(in_flag_terms(e, TrainConfig.__dataclass_fields__)) from None
+        raise ValueError(in_flag_terms(e, tuple(TrainConfig.__dataclass_fields__))) from None
 
 
 def flag(name: str) -> str:
@@ -101,13 +101,26 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def in_flag_terms(e: BaseException, names: Iterable[str]) -> str:
-    """An error of the Python API about settings ``names`` (``batch_size must be at least 1``), as one line
-    in the flags the user typed (``--batch-size must be at least 1``)."""
+def in_flag_terms(e: BaseException, names: Iterable[str] | Mapping[str, str]) -> str:
+    """An error of the library about its parameters ``names`` (``batch_size must be at least 1``), as one
+    line in the flags the user typed (``--batch-size must be at least 1``). ``names`` may map a phrase of the
+    library to its flag where the two differ by more than ``_`` and ``-`` (``{"overwrite=True": "--overwrite"}``)."""
+    flags = dict(names) if isinstance(names, Mapping) else {name: flag(name) for name in names}
     text = " ".join(str(e).split())
-    for name in sorted(names, key=len, reverse=True):
-        text = re.sub(rf"(?<![\w.-])(?:GPTConfig\.|TrainConfig\.)?{name}(?![\w-])", flag(name), text)
+    for name in sorted(flags, key=len, reverse=True):
+        text = re.sub(rf"(?<![\w.-])(?:GPTConfig\.|TrainConfig\.)?{re.escape(name)}(?![\w-])", flags[name], text)
     return text
+
+
+# What the library's messages call the settings the tools take as flags. The library speaks Python (its
+# errors name parameters); this is the one place where those names become flags.
+LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "--overwrite", "cfg.n_heads": "--n-heads",
+                 "wandb_project": "--wandb", "lr": "--lr", "grad_clip": "--grad-clip", "warmup_steps": "--warmup-steps"}
+
+
+def error_line(e: BaseException) -> str:
+    """How every tool prints an error: one line, the library's parameters named as the user's flags."""
+    return in_flag_terms(e, LIBRARY_FLAGS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +175,7 @@ def load_weights_flag(weights: str, n_heads: int | None, *, flag_name: str = "--
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if n_heads is None:
         for w in assumed:
-            print(f"note: {w.message}", file=sys.stderr)
+            print(f"note: {error_line(w.message)}", file=sys.stderr)
         return params, cfg
     emb_dim = cfg.emb_dim if unknown is None else unknown["emb_dim"]
     if emb_dim % n_heads:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except (TargetError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     print(format_report(report))
     if "json" in args:

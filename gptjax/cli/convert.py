@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         params, cfg = cli.load_weights_flag(args.src, args.n_heads, flag_name="SRC")
         save_weights(params, cfg, args.dst, format=args.format, overwrite=args.overwrite, **options)
     except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({args.format or 'format from its name'}): {cfg}")
     return 0

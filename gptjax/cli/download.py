@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gptjax import cli
 from gptjax.weights.openai import BASE_URLS, GPT2_SIZES, download_gpt2
 
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--retries must be at least 1, got {args.retries}")
         folder = download_gpt2(args.model_size, args.models_dir, base_urls=args.base_urls, retries=args.retries)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     print(folder)
     return 0

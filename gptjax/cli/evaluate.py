@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 loader = create_dataloader(part, batch_size=args.batch_size, max_length=context, stride=context,
                                            shuffle=False, drop_last=drop_last)
             except ValueError as e:
-                message = cli.in_flag_terms(e, ("batch_size",)).replace("max_length", "--context-length")
+                message = cli.in_flag_terms(e, {"batch_size": "--batch-size", "max_length": "--context-length"})
                 raise ValueError(f"{name} split: {message}; use a longer --corpus or a smaller "
                                  "--context-length") from None
             if len(loader) == 0:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             losses[name] = calc_loss_loader(params, cfg, loader)
         step = _checkpoint_step(args.weights)
     except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     print(f"weights {args.weights}{step}: {cfg}, context {context}")
     for name, loss in losses.items():

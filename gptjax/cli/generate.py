@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             weights_dtype=args.weights_dtype,
         )
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     ids = token_ids[0]
     if args.eos and len(ids) > prompt_ids.shape[1] and ids[-1] == ENDOFTEXT_ID:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from gptjax import cli
 from gptjax.atomic import OVERWRITE_HINT, atomic_file
 from gptjax.data import TOKEN_DTYPE, shard_header
 from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = prepare(args)
     except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: the finished shards in {args.out} are kept; continue with the same command and "

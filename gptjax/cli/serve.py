@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--grace-seconds must be at least 0, got {args.grace_seconds}")
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     name = args.weights if cli.is_hub_id_flag(args.weights) else Path(args.weights).resolve().name
     app = create_app(params, cfg, model_name=name, max_batch=args.max_batch, weights_dtype=args.weights_dtype,

@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         cli.setup_compile_cache(args)
         run(args)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
     except Stopped as e:
         print(e, file=sys.stderr)

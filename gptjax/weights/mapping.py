@@ -184,12 +184,11 @@ def heads_for(emb_dim: int, source: str, found: Mapping[str, Any] | None = None)
     if emb_dim % GPT2_HEAD_DIM:
         raise UnknownHeadsError(
             f"{source}: the head count cannot be read from the tensors and emb_dim {emb_dim} is not a multiple "
-            f"of GPT-2's head size {GPT2_HEAD_DIM}; pass the config (--n-heads N on the command line, cfg= in "
-            "Python)", found or {"emb_dim": emb_dim})
+            f"of GPT-2's head size {GPT2_HEAD_DIM}; pass the head count as cfg.n_heads", found or {"emb_dim": emb_dim})
     n_heads = emb_dim // GPT2_HEAD_DIM
     warnings.warn(AssumedHeadsWarning(
         f"{source} holds no head count: assuming {n_heads} head{'s' * (n_heads != 1)} of {GPT2_HEAD_DIM} (GPT-2's "
-        "head size); if that is wrong, pass --n-heads N on the command line (cfg= in Python)"), stacklevel=2)
+        "head size); if that is wrong, pass the head count as cfg.n_heads"), stacklevel=2)
     return n_heads
 
 
