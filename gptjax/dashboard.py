@@ -1,7 +1,7 @@
 """The run's metrics, samples and settings for dashboards: TensorBoard event files in the run directory
 (``tensorboard --logdir runs`` compares runs) and, given a wandb project, a Weights & Biases run.
 
-Fed by :class:`gptjax.cli.train.RunWriter` with the records it appends to metrics.jsonl, which are host
+Fed by :class:`gptjax.runs.RunWriter` with the records it appends to metrics.jsonl, which are host
 floats by then: writing them never waits for the device.
 """
 

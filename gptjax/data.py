@@ -9,15 +9,17 @@ headerless train.bin / val.bin.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 
 from gptjax.atomic import atomic_file
-from gptjax.tokenizer import ENDOFTEXT, get_tokenizer
+from gptjax.tokenizer import ENDOFTEXT, get_tokenizer, load_default_corpus
 
 # Token files are raw little-endian uint16 (GPT-2's 50,257 ids fit), as in nanoGPT: no header, so any tool
 # can read them and the token count is the file size / 2.
@@ -294,3 +296,71 @@ def load_data_dir(data_dir: str | os.PathLike) -> tuple[np.ndarray | TokenShards
         raise FileNotFoundError(f"data_dir {d} holds neither llm.c shards (*_train_*.bin, *_val_*.bin) nor "
                                 f"train.bin and val.bin; {PREPARE_HINT}")
     return load_token_file(d / "train.bin"), load_token_file(d / "val.bin")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a run's tokens come from, one of: a folder of shards (``data_dir``), a pair of token files
+    (``train_tokens`` and ``val_tokens``), or a UTF-8 text split by ``train_ratio`` (``corpus``; None: the
+    bundled the-verdict.txt). A run directory records it (config.json's "data"), paths made absolute."""
+
+    corpus: str | None = None
+    train_tokens: str | None = None
+    val_tokens: str | None = None
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data_dir is not None and (self.corpus, self.train_tokens, self.val_tokens) != (None, None, None):
+            raise ValueError("data_dir cannot be combined with corpus, train_tokens or val_tokens")
+        if (self.train_tokens, self.val_tokens) != (None, None) and (
+                self.corpus is not None or None in (self.train_tokens, self.val_tokens)):
+            raise ValueError("token files need both train_tokens and val_tokens, and no corpus")
+
+    def absolute(self) -> "DataSource":
+        """The same source with absolute paths, so that a run resumes from any working directory."""
+        return DataSource(**{k: None if v is None else str(Path(v).absolute()) for k, v in self.to_dict().items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSource":
+        """From config.json's "data" (which also records the run's starting weights, not a data setting)."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+    def splits(self, train_ratio: float) -> tuple[tuple[np.ndarray | TokenShards | str, str], ...]:
+        """((train tokens or text, its name in messages), (validation ..., name))."""
+        if self.data_dir is not None:
+            return tuple(zip(load_data_dir(self.data_dir), (f"the training tokens of {self.data_dir}",
+                                                             f"the validation tokens of {self.data_dir}")))
+        if self.train_tokens is not None:
+            for path in (self.train_tokens, self.val_tokens):
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"token file {path} not found; {PREPARE_HINT}")
+            return tuple((load_token_file(p), p) for p in (self.train_tokens, self.val_tokens))
+        if self.corpus is not None:
+            text = read_corpus(self.corpus)
+        else:
+            text = load_default_corpus()
+        source = self.corpus or "the bundled the-verdict.txt"
+        return tuple(zip(split_text(text, train_ratio), (f"the training split of {source}",
+                                                          f"the validation split of {source}")))
+
+
+def build_loaders(source: DataSource, *, context_length: int, batch_size: int, stride: int | None = None,
+                  train_ratio: float = 0.9, shuffle: bool = True, seed: int = 123) -> tuple[DataLoader, DataLoader]:
+    """The book's loaders over ``source``: training batches shuffled every epoch (last partial batch dropped),
+    validation batches in order; each checked to give at least one batch, before any training."""
+    loaders = []
+    for (tokens, name), train in zip(source.splits(train_ratio), (True, False)):
+        try:
+            loader = create_dataloader(tokens, batch_size=batch_size, max_length=context_length,
+                                       stride=stride or context_length, shuffle=train and shuffle, drop_last=train,
+                                       seed=seed)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}; use more data or a smaller context_length") from None
+        if len(loader) == 0:
+            raise ValueError(f"{name} gives no full batch of {batch_size} windows of {context_length} tokens; "
+                             "lower batch_size or context_length, or use more data")
+        loaders.append(loader)
+    return tuple(loaders)

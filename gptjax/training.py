@@ -330,7 +330,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrainHooks:
-    """Receives a run's events; the default ignores them. :mod:`gptjax.cli.train` writes them to the run directory."""
+    """Receives a run's events; the default ignores them. :mod:`gptjax.runs` writes them to the run directory."""
 
     def on_step(self, record: dict) -> None:
         """One optimizer step: step, epoch, loss, tokens_seen, lr, grad_norm, tokens_per_sec and mfu (None

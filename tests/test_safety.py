@@ -211,7 +211,7 @@ def test_sigint_and_sigterm_save_and_resume_exactly(reference_run, long_corpus, 
 
 
 def test_a_second_signal_aborts_at_once():
-    from gptjax.cli.train import StopSignals
+    from gptjax.runs import StopSignals
 
     previous = signal.getsignal(signal.SIGINT)
     with StopSignals() as signals:

@@ -18,10 +18,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from gptjax.checkpoint import latest_step, load_params
-from gptjax.config import GPTConfig
 from gptjax.sharding import fsdp_spec, make_mesh, parse_mesh
-from gptjax.cli.train import build_loaders
-from gptjax.training import TrainConfig
+from gptjax.runs import RunSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "sharding_worker.py"
@@ -184,8 +182,7 @@ def test_multi_host_resume_on_another_mesh(one_process, two_processes):
 def test_each_process_reads_only_its_rows(one_process, two_processes):
     out, _ = one_process
     config = json.loads((out / "multi" / "config.json").read_text())
-    train_loader, _ = build_loaders(config["data"], GPTConfig.from_dict(config["model"]),
-                                    TrainConfig.from_dict(config["train"]))
+    train_loader, _ = RunSettings.from_config(config).loaders()
     reads = [json.loads((out / f"reads-{i}.json").read_text()) for i in range(2)]
     train = [{i for kind, i in rs if kind == "train"} for rs in reads]
     val = [{i for kind, i in rs if kind == "val"} for rs in reads]

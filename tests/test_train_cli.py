@@ -1,5 +1,6 @@
 """``python -m gptjax.train`` end to end on a tiny model: the run directory, exact resume, errors."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import gptjax.training
 from gptjax.checkpoint import latest_step, load_params, save_params
 from gptjax.config import GPT_CONFIG_124M, GPTConfig
-from gptjax.cli.train import build_loaders, build_parser, main
+from gptjax.cli.train import build_parser, main
+from gptjax.runs import RunSettings, resume_run, start_run
 from gptjax.training import TrainConfig, calc_loss_batch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +113,20 @@ def test_stop_and_resume_is_bitwise_identical(full_run, corpus, tmp_path, capsys
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_library_runs_and_resumes_what_the_command_line_does(full_run, tmp_path):
+    """gptjax.runs is the command line's run without the flags: the full run's recorded settings, started with
+    start_run, stopped by max_steps and continued with resume_run, give the command line's records."""
+    settings = RunSettings.from_config(json.loads((full_run / "config.json").read_text()))
+    out = start_run(dataclasses.replace(settings, tcfg=settings.tcfg.replace(max_steps=5)), out_dir=tmp_path / "lib",
+                    progress=False)
+    assert latest_step(out) == 5
+    with pytest.raises(ValueError, match="already holds a run"):
+        start_run(settings, out_dir=out)
+    assert resume_run(out, progress=False) == out
+    assert without_timing(read_jsonl(out / "metrics.jsonl")) == without_timing(read_jsonl(full_run / "metrics.jsonl"))
+    assert (out / "samples.txt").read_text() == (full_run / "samples.txt").read_text()
+
+
 @pytest.mark.parametrize("fmt", ["gptjax", "torch"])
 def test_init_from_weights_takes_their_config(fmt, corpus, tmp_path):
     cfg = GPTConfig(context_length=16, emb_dim=32, n_layers=1, n_heads=2, drop_rate=0.1)
@@ -131,7 +147,7 @@ def test_init_from_weights_takes_their_config(fmt, corpus, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert GPTConfig.from_dict(config["model"]) == cfg.replace(drop_rate=0.0)
     assert config["data"]["init_from"] == str(weights)
-    train_loader, _ = build_loaders(config["data"], cfg, TrainConfig.from_dict(config["train"]))
+    train_loader, _ = RunSettings.from_config(config).loaders()
     x, y = next(iter(train_loader))
     first = read_jsonl(out / "metrics.jsonl")[0]
     assert first["loss"] == pytest.approx(float(calc_loss_batch(params, cfg, x, y)), abs=1e-6)

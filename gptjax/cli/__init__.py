@@ -115,7 +115,10 @@ def in_flag_terms(e: BaseException, names: Iterable[str] | Mapping[str, str]) ->
 # What the library's messages call the settings the tools take as flags. The library speaks Python (its
 # errors name parameters); this is the one place where those names become flags.
 LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "--overwrite", "cfg.n_heads": "--n-heads",
-                 "wandb_project": "--wandb", "lr": "--lr", "grad_clip": "--grad-clip", "warmup_steps": "--warmup-steps"}
+                 "wandb_project": "--wandb", "lr": "--lr", "grad_clip": "--grad-clip", "warmup_steps": "--warmup-steps",
+                 "out_dir": "--out", "resume_run": "--resume", "batch_size": "--batch-size",
+                 "grad_accum": "--grad-accum", "context_length": "--context-length",
+                 "hellaswag_every": "--hellaswag-every"}
 
 
 def error_line(e: BaseException) -> str:
