@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import gptjax.cli.prepare as prepare
+import gptjax.cli.prepare as prepare_cli
+import gptjax.corpus as prepare
 from gptjax.data import load_data_dir
 from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -44,7 +45,7 @@ def all_tokens(out):
 
 
 def run(*args):
-    return prepare.main([*map(str, args), "--no-progress"])
+    return prepare_cli.main([*map(str, args), "--no-progress"])
 
 
 @pytest.fixture
@@ -130,6 +131,21 @@ def test_one_and_two_workers_write_identical_bytes(tmp_path, small_chunks):
             assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes()
 
 
+def test_the_library_prepares_from_a_config_and_names_its_fields(tmp_path, small_chunks):
+    """gptjax.corpus is the command line without argparse: a PrepareConfig writes the same shards, and its
+    errors name the config's fields (the command line shows them as its flags)."""
+    path = tmp_path / "docs.jsonl"
+    write_jsonl(path, DOCS)
+    state = prepare.prepare(prepare.PrepareConfig(out=str(tmp_path / "lib"), inputs=(str(path),), shard_tokens=700,
+                                                  val_tokens=100, workers=2, progress=False))
+    assert run(path, "--out", tmp_path / "cli", "--name", "lib", "--shard-tokens", 700, "--val-tokens", 100) == 0
+    assert [s["file"] for s in state["shards"]] == all_tokens(tmp_path / "cli")[1]
+    for s in state["shards"]:
+        assert (tmp_path / "lib" / s["file"]).read_bytes() == (tmp_path / "cli" / s["file"]).read_bytes()
+    with pytest.raises(ValueError, match=r"PrepareConfig.workers must be a positive integer, got 0"):
+        prepare.PrepareConfig(out=str(tmp_path / "x"), inputs=(str(path),), workers=0)
+
+
 def test_interrupted_run_resumes_to_identical_bytes(tmp_path, small_chunks, monkeypatch):
     path = tmp_path / "docs.jsonl"
     write_jsonl(path, DOCS)
@@ -184,6 +200,7 @@ def run_error(*args, capsys=None):
         assert run(*args) == 2
     text = err.getvalue()
     assert text.startswith("error: ") and text.count("\n") == 1, text
+    assert "PrepareConfig" not in text, text  # the library's field names, shown as the flags
     return text
 
 
