@@ -111,15 +111,16 @@ def test_does_not_fit_gives_advice_that_works():
 
     replicated = run("--mesh", "data=4")
     assert replicated["parameters"] > 1.5e9 and replicated["fits"] is False
-    assert "fsdp" in replicated["advice"] and "does not fit" in aot.format_report(replicated)
+    assert "--mesh data=2,fsdp=2" in replicated["advice"] and "does not fit" in aot.format_report(replicated)
     assert run("--mesh", "fsdp=4")["fits"] is True
 
 
 @pytest.mark.parametrize("args, message", [
     (["--target", "tpu-v9z:2x2"], "libtpu does not know topology"),
-    (["--target", "gpu-a999:2"], "unknown --target gpu-a999:2"),
-    (["--target", "quantum"], "unknown --target quantum"),
-    (["--target", "tpu-v5e:2x2", "--mesh", "fsdp=8"], "--mesh fsdp=8 does not match --target tpu-v5e:2x2, which has 4"),
+    (["--target", "gpu-a999:2"], "--target gpu-a999:2: unknown target"),
+    (["--target", "quantum"], "--target quantum: unknown target"),
+    (["--target", "tpu-v5e:2x2", "--mesh", "fsdp=8"],
+     "--mesh data=1,fsdp=8 does not match the target tpu-v5e:2x2, which has 4"),
     (["--target", "tpu-v5e:2x2", "--batch-size", "6"], "--batch-size 6"),
 ])
 def test_errors_are_one_line(capsys, args, message):

@@ -118,7 +118,8 @@ LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "
                  "wandb_project": "--wandb", "lr": "--lr", "grad_clip": "--grad-clip", "warmup_steps": "--warmup-steps",
                  "out_dir": "--out", "resume_run": "--resume", "batch_size": "--batch-size",
                  "grad_accum": "--grad-accum", "context_length": "--context-length",
-                 "hellaswag_every": "--hellaswag-every",
+                 "hellaswag_every": "--hellaswag-every", "remat": "--remat", "drop_rate": "--drop-rate",
+                 "dump_hlo": "--dump-hlo",
                  **{f"PrepareConfig.{name}": flag(name) for name in ("out", "name", "text_field", "hf_dataset",
                                                                     "hf_config", "split", "workers", "shard_tokens",
                                                                     "val_tokens", "resume", "overwrite")}}
