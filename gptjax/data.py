@@ -66,6 +66,15 @@ def _check_positive(**values: int) -> None:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+class TooFewTokensError(ValueError):
+    """Fewer tokens than one window of ``max_length`` inputs and its shifted targets."""
+
+    def __init__(self, n_tokens: int, needed: int):
+        super().__init__(f"the corpus has {n_tokens} tokens but one window needs at least max_length + 1 = "
+                         f"{needed}; use more text or a smaller context length (max_length)")
+        self.n_tokens, self.needed = n_tokens, needed
+
+
 class GPTDataset:
     """The book's GPTDatasetV1: windows of ``max_length`` tokens and the same windows shifted by one as targets.
 
@@ -83,8 +92,7 @@ class GPTDataset:
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"token ids must be integers, got dtype {ids.dtype}")
         if len(ids) < max_length + 1:
-            raise ValueError(f"the corpus has {len(ids)} tokens but one window needs at least max_length + 1 = "
-                             f"{max_length + 1}; use more text or a smaller context length (max_length)")
+            raise TooFewTokensError(len(ids), max_length + 1)
         self.token_ids = ids
         self.max_length = max_length
         self.stride = stride
@@ -351,14 +359,24 @@ def build_loaders(source: DataSource, *, context_length: int, batch_size: int, s
                   train_ratio: float = 0.9, shuffle: bool = True, seed: int = 123) -> tuple[DataLoader, DataLoader]:
     """The book's loaders over ``source``: training batches shuffled every epoch (last partial batch dropped),
     validation batches in order; each checked to give at least one batch, before any training."""
+    return loaders_of_splits(source.splits(train_ratio), context_length=context_length, batch_size=batch_size,
+                             stride=stride, shuffle=shuffle, seed=seed)
+
+
+def loaders_of_splits(splits: tuple[tuple[np.ndarray | TokenShards | str, str], ...], *, context_length: int,
+                      batch_size: int, stride: int | None = None, shuffle: bool = True,
+                      seed: int = 123) -> tuple[DataLoader, DataLoader]:
+    """:func:`build_loaders` over splits already read (:meth:`DataSource.splits`), e.g. before slower work
+    that decides the context length."""
     loaders = []
-    for (tokens, name), train in zip(source.splits(train_ratio), (True, False)):
+    for (tokens, name), train in zip(splits, (True, False)):
         try:
             loader = create_dataloader(tokens, batch_size=batch_size, max_length=context_length,
                                        stride=stride or context_length, shuffle=train and shuffle, drop_last=train,
                                        seed=seed)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}; use more data or a smaller context_length") from None
+        except TooFewTokensError as e:
+            raise ValueError(f"{name} has {e.n_tokens} tokens, fewer than one window of context_length + 1 = "
+                             f"{e.needed}; use more data or a smaller context_length") from None
         if len(loader) == 0:
             raise ValueError(f"{name} gives no full batch of {batch_size} windows of {context_length} tokens; "
                              "lower batch_size or context_length, or use more data")

@@ -74,7 +74,8 @@ def test_bad_settings(weights, tmp_path, capsys):
     short.write_text("Every effort moves you forward. " * 12)
     assert main(["--weights", str(path), "--corpus", str(short)]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith("error: val split: ") and "smaller --context-length" in err and "max_length" not in err
+    assert err.startswith(f"error: the validation split of {short} has ") and "smaller --context-length" in err
+    assert "max_length" not in err and "context_length" not in err
     assert main(["--weights", str(tmp_path / "none.pth")]) == 2
     assert "none.pth" in capsys.readouterr().err
     # Settings are checked in the flags' words before the weights load (a missing file would be found later).

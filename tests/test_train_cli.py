@@ -206,7 +206,8 @@ def test_bad_input_is_a_one_line_error(corpus, full_run, tmp_path, capsys):
     assert "not found" in run_error(capsys, *TINY, "--corpus", tmp_path / "missing.txt", "--out", tmp_path / "a")
     short = tmp_path / "short.txt"
     short.write_text("Every effort moves you.")
-    assert "training split" in run_error(capsys, *TINY, "--corpus", short, "--out", tmp_path / "b")
+    err = run_error(capsys, *TINY, "--corpus", short, "--out", tmp_path / "b")
+    assert "training split" in err and "smaller --context-length" in err and "_length" not in err
     assert "validation split" in run_error(capsys, *TINY, "--corpus", corpus, "--train-ratio", "0.99",
                                            "--out", tmp_path / "c")
     assert "--batch-size" in run_error(capsys, *TINY, "--corpus", corpus, "--batch-size", "64", "--out", tmp_path / "d")

@@ -117,7 +117,7 @@ def in_flag_terms(e: BaseException, names: Iterable[str] | Mapping[str, str]) ->
 LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "--overwrite", "cfg.n_heads": "--n-heads",
                  "wandb_project": "--wandb", "lr": "--lr", "grad_clip": "--grad-clip", "warmup_steps": "--warmup-steps",
                  "out_dir": "--out", "resume_run": "--resume", "batch_size": "--batch-size",
-                 "grad_accum": "--grad-accum", "context_length": "--context-length",
+                 "grad_accum": "--grad-accum", "context_length": "--context-length", "train_ratio": "--train-ratio",
                  "hellaswag_every": "--hellaswag-every", "remat": "--remat", "drop_rate": "--drop-rate",
                  "dump_hlo": "--dump-hlo",
                  **{f"PrepareConfig.{name}": flag(name) for name in ("out", "name", "text_field", "hf_dataset",

@@ -21,8 +21,7 @@ import argparse
 import sys
 
 from gptjax import cli
-from gptjax.data import create_dataloader, read_corpus, split_text
-from gptjax.tokenizer import load_default_corpus
+from gptjax.data import DataSource, loaders_of_splits
 from gptjax.training import calc_loss_loader, perplexity
 
 
@@ -60,28 +59,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--context-length must be at least 1, got {args.context_length}")
         if args.hellaswag is not None:
             return _hellaswag(args)
-        text = read_corpus(args.corpus) if args.corpus else load_default_corpus()
-        try:
-            train_text, val_text = split_text(text, args.train_ratio)
-        except ValueError as e:
-            raise ValueError(f"{e}; use a longer --corpus or another --train-ratio") from None
+        splits = DataSource(corpus=args.corpus).splits(args.train_ratio)  # before the (slower) weights
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
         context = args.context_length or cfg.context_length
         if context > cfg.context_length:
             raise ValueError(f"--context-length must be between 1 and the model's {cfg.context_length}, got {context}")
-        losses = {}
-        for name, part, drop_last in (("train", train_text, True), ("val", val_text, False)):
-            try:
-                loader = create_dataloader(part, batch_size=args.batch_size, max_length=context, stride=context,
-                                           shuffle=False, drop_last=drop_last)
-            except ValueError as e:
-                message = cli.in_flag_terms(e, {"batch_size": "--batch-size", "max_length": "--context-length"})
-                raise ValueError(f"{name} split: {message}; use a longer --corpus or a smaller "
-                                 "--context-length") from None
-            if len(loader) == 0:
-                raise ValueError(f"the {name} split gives no full batch of {args.batch_size} windows of {context} "
-                                 "tokens; use a longer --corpus or a smaller --context-length or --batch-size")
-            losses[name] = calc_loss_loader(params, cfg, loader)
+        loaders = loaders_of_splits(splits, context_length=context, batch_size=args.batch_size, shuffle=False)
+        losses = {name: calc_loss_loader(params, cfg, loader) for name, loader in zip(("train", "val"), loaders)}
         step = _checkpoint_step(args.weights)
     except (ValueError, OSError) as e:
         print(f"error: {cli.error_line(e)}", file=sys.stderr)
