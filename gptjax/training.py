@@ -488,40 +488,12 @@ def train_model_simple(
 
         tokenizer = get_tokenizer()
 
-    history = History()
-    pos = start
-    pending: list[tuple[dict, dict, int, float]] = []  # the dispatched step whose metrics are not read yet
-    peak = device_peak_flops(jax.tree_util.tree_leaves(params)[0].sharding.device_set, tcfg.dtype, peak_tflops)
-    speed: Throughput | None = None  # made at the first batch, whose length the attention FLOPs depend on
-    last_read = -math.inf  # when the latest metrics arrived, i.e. (nearly) when their step ended
-    stop = False  # hooks.stop_requested(): save and return early
-
-    def report_pending() -> None:
-        nonlocal last_read
-        for record, metrics, tokens, dispatched in pending:
-            # float32 values as their shortest decimal form: exact, and readable in metrics.jsonl.
-            metrics = {k: float(str(np.float32(v))) for k, v in jax.device_get(metrics).items()}
-            # Timed by the reads the loop makes anyway: a step runs from the end of the one before it (or from
-            # its dispatch, after an evaluation, sample or save) until its metrics can be read.
-            now = perf_counter()
-            step_speed = speed.step(tokens, now - max(last_read, dispatched))
-            last_read = now
-            loss, grad_norm = metrics["loss"], metrics["grad_norm"]
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                raise NonFiniteLossError(
-                    f"the loss is {loss} (gradient norm {grad_norm}) at step {record['step']}, epoch "
-                    f"{record['epoch']}: training diverged, so it stopped without saving; the last good "
-                    "checkpoint is kept. Try a lower lr, grad_clip 1.0 or more warmup_steps"
-                )
-            record = {**record, "loss": loss, "lr": metrics["lr"], "grad_norm": grad_norm, **_rounded(step_speed)}
-            history.step_losses.append(loss)
-            hooks.on_step(record)
-            bar.set_postfix({"loss": f"{loss:.3f}", **_speed_postfix(step_speed, speed.average())}, refresh=False)
-        pending.clear()
-
+    history, pos, stop = History(), start, False  # stop: hooks.stop_requested(), save and return early
     main_process = jax.process_index() == 0  # in a multi-host run, only process 0 prints
     bar = tqdm(total=last_step, initial=min(pos.step, last_step), unit="step",
                disable=not (progress and main_process), dynamic_ncols=True)
+    peak = device_peak_flops(jax.tree_util.tree_leaves(params)[0].sharding.device_set, tcfg.dtype, peak_tflops)
+    steps = _StepReports(cfg, peak, history, hooks, bar)
     try:
         while pos.step < last_step and pos.epoch < tcfg.epochs:
             epoch = pos.epoch
@@ -530,45 +502,30 @@ def train_model_simple(
                                        last_step - pos.step)
             for batch in prefetch_to_device(batches):
                 step = pos.step
-                if speed is None:
-                    speed = Throughput(flops_per_token(cfg, batch[0].shape[-1]), peak)
                 params, opt_state, metrics = train_step(params, opt_state, batch, jax.random.fold_in(key, step))
-                dispatched = perf_counter()
-                report_pending()  # the previous step's metrics: finished by now, or nearly
                 tokens_seen = pos.tokens_seen + int(batch[0].size)  # the global batch, on many hosts too
+                where = {"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen}
+                steps.dispatched(where, metrics, batch[0].shape)
                 pos = Position(step + 1, epoch, pos.batch + tcfg.grad_accum, tokens_seen)
-                pending.append(({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen}, metrics,
-                                int(batch[0].size), dispatched))
                 bar.update(1)
 
                 if step % tcfg.eval_freq == 0:
-                    report_pending()
-                    train_loss, val_loss = evaluate_model(params, cfg, train_loader, val_loader, tcfg.eval_iter)
-                    history.train_losses.append(train_loss)
-                    history.val_losses.append(val_loss)
-                    history.track_tokens_seen.append(tokens_seen)
-                    history.eval_steps.append(step)
-                    if main_process:
-                        tqdm.write(f"Ep {epoch + 1} (Step {step:06d}): Train loss {train_loss:.3f}, "
-                                   f"Val loss {val_loss:.3f}")
-                    hooks.on_eval({"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen,
-                                   "train_loss": train_loss, "val_loss": val_loss})
-
+                    steps.report()
+                    _evaluate(params, cfg, train_loader, val_loader, tcfg.eval_iter, where, history, hooks)
                 if hooks.benchmark_due(step):
-                    report_pending()  # so that the benchmark's time does not count as the step's
-                    hooks.on_benchmark(params, {"step": step, "epoch": epoch + 1, "tokens_seen": tokens_seen})
-
+                    steps.report()  # so that the benchmark's time does not count as the step's
+                    hooks.on_benchmark(params, where)
                 if pos.batch >= n_steps * tcfg.grad_accum:  # the epoch is complete
                     if tcfg.start_context:
-                        report_pending()
-                        text = generate_and_print_sample(params, cfg, tokenizer, tcfg.start_context)
-                        hooks.on_sample(epoch + 1, step, text)
+                        steps.report()
+                        hooks.on_sample(epoch + 1, step,
+                                        generate_and_print_sample(params, cfg, tokenizer, tcfg.start_context))
                     pos = Position(pos.step, epoch + 1, 0, pos.tokens_seen)
 
                 stop = hooks.stop_requested()
                 if (pos.step == last_step or (tcfg.save_every and pos.step % tcfg.save_every == 0) or stop
                         or hooks.save_due(pos)):
-                    report_pending()
+                    steps.report()
                     hooks.on_checkpoint(pos, params, opt_state)
                 if pos.step >= last_step or pos.epoch != epoch or stop:
                     break
@@ -576,10 +533,71 @@ def train_model_simple(
                 pos = Position(pos.step, epoch + 1, 0, pos.tokens_seen)
             if stop:
                 break
-        report_pending()
+        steps.report()
     finally:
         bar.close()
-    return TrainResult(params, opt_state, pos, history, {} if speed is None else _rounded(speed.average()))
+    return TrainResult(params, opt_state, pos, history, steps.average())
+
+
+def _evaluate(params: Params, cfg: GPTConfig, train_loader: Any, val_loader: Any, eval_iter: int, where: dict,
+              history: History, hooks: TrainHooks) -> None:
+    """The book's periodic evaluation: both losses into the history, printed, and to the hooks."""
+    train_loss, val_loss = evaluate_model(params, cfg, train_loader, val_loader, eval_iter)
+    history.train_losses.append(train_loss)
+    history.val_losses.append(val_loss)
+    history.track_tokens_seen.append(where["tokens_seen"])
+    history.eval_steps.append(where["step"])
+    if jax.process_index() == 0:
+        tqdm.write(f"Ep {where['epoch']} (Step {where['step']:06d}): Train loss {train_loss:.3f}, "
+                   f"Val loss {val_loss:.3f}")
+    hooks.on_eval({**where, "train_loss": train_loss, "val_loss": val_loss})
+
+
+class _StepReports:
+    """Each step's metrics, read one step late so that the host never waits for the step it has just
+    dispatched: checked to be finite, timed, and handed to the history, the hooks and the progress bar."""
+
+    def __init__(self, cfg: GPTConfig, peak: float | None, history: History, hooks: TrainHooks, bar: tqdm):
+        self.cfg, self.peak, self.history, self.hooks, self.bar = cfg, peak, history, hooks, bar
+        self.pending: list[tuple[dict, dict, int, float]] = []  # dispatched steps whose metrics are not read yet
+        self.speed: Throughput | None = None  # made at the first batch, whose length the attention FLOPs depend on
+        self.last_read = -math.inf  # when the latest metrics arrived, i.e. (nearly) when their step ended
+
+    def dispatched(self, where: dict, metrics: dict, batch_shape: tuple[int, ...]) -> None:
+        """A step over a batch of ``batch_shape`` tokens was just dispatched: report the one before it (finished
+        by now, or nearly) and keep this one."""
+        now = perf_counter()
+        if self.speed is None:
+            self.speed = Throughput(flops_per_token(self.cfg, batch_shape[-1]), self.peak)
+        self.report()
+        self.pending.append((where, metrics, math.prod(batch_shape), now))
+
+    def report(self) -> None:
+        for where, metrics, tokens, dispatched in self.pending:
+            # float32 values as their shortest decimal form: exact, and readable in metrics.jsonl.
+            metrics = {k: float(str(np.float32(v))) for k, v in jax.device_get(metrics).items()}
+            # Timed by the reads the loop makes anyway: a step runs from the end of the one before it (or from
+            # its dispatch, after an evaluation, sample or save) until its metrics can be read.
+            now = perf_counter()
+            step_speed = self.speed.step(tokens, now - max(self.last_read, dispatched))
+            self.last_read = now
+            loss, grad_norm = metrics["loss"], metrics["grad_norm"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise NonFiniteLossError(
+                    f"the loss is {loss} (gradient norm {grad_norm}) at step {where['step']}, epoch "
+                    f"{where['epoch']}: training diverged, so it stopped without saving; the last good "
+                    "checkpoint is kept. Try a lower lr, grad_clip 1.0 or more warmup_steps"
+                )
+            self.history.step_losses.append(loss)
+            self.hooks.on_step({**where, "loss": loss, "lr": metrics["lr"], "grad_norm": grad_norm,
+                                **_rounded(step_speed)})
+            self.bar.set_postfix({"loss": f"{loss:.3f}", **_speed_postfix(step_speed, self.speed.average())},
+                                 refresh=False)
+        self.pending.clear()
+
+    def average(self) -> dict[str, float | None]:
+        """The run's average tokens/s and MFU ({} if no step ran)."""
+        return {} if self.speed is None else _rounded(self.speed.average())
 
 
 def _rounded(speed: dict[str, float | None]) -> dict[str, float | None]:
