@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptjax.cli.download import main as download_main
-from gptjax.weights.openai import GPT2_FILES, download_gpt2
+from gptjax.weights.hub import GPT2_FILES, download_gpt2
 
 FILES = {name: np.random.default_rng(i).bytes(1000 + 137 * i) for i, name in enumerate(GPT2_FILES)}
 

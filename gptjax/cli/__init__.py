@@ -143,7 +143,7 @@ def add_n_heads_flag(p: argparse.ArgumentParser) -> None:
 def is_hub_id_flag(weights: str) -> bool:
     """Whether the tools read ``weights`` as a Hugging Face Hub model id (from its cache, else downloaded)
     rather than a path: the question :func:`gptjax.weights.load_weights` asks, no such path and id-shaped."""
-    from gptjax.weights.hf import is_hub_id
+    from gptjax.weights.hub import is_hub_id
 
     return not Path(weights).exists() and is_hub_id(weights)
 

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from gptjax import cli
-from gptjax.weights.openai import BASE_URLS, GPT2_SIZES, download_gpt2
+from gptjax.weights.hub import BASE_URLS, GPT2_SIZES, download_gpt2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights import book, gguf, hf, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
+from gptjax.weights import book, gguf, hf, hub, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
 from gptjax.weights.files import NamedTensors, folder_weights, is_weights_folder
 from gptjax.weights.mapping import check_params
 
@@ -125,8 +125,8 @@ def load_weights(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple
     must agree with them in every architecture setting (an error names the one that does not); its
     ``drop_rate`` is kept, since no format stores a training-time setting reliably.
     """
-    if not Path(path).exists() and hf.is_hub_id(os.fspath(path)):
-        path = hf.hub_folder(os.fspath(path))
+    if not Path(path).exists() and hub.is_hub_id(os.fspath(path)):
+        path = hub.hub_folder(os.fspath(path))
     found = read_tensors(path)
     names = next((n for n in NAMINGS if n.claims(found.tensors)), None)
     if names is None:

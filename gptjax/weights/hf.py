@@ -1,7 +1,7 @@
 """Name table: Hugging Face transformers' ``GPT2LMHeadModel`` names (``h.0.attn.c_attn.weight``, ... once the
 ``transformer.`` prefix is stripped), in whatever file holds them (safetensors, a torch ``pytorch_model.bin``),
-with the ``config.json`` beside them; the Hugging Face folder writer; and Hub model ids, resolved through
-huggingface_hub's cache.
+with the ``config.json`` beside them; and the Hugging Face folder writer (Hub model ids are
+:mod:`gptjax.weights.hub`'s).
 
 Its Conv1D weights are already [in, out] like Flax kernels, and ``c_attn`` holds query, key and value side
 by side. Writing produces one ``model.safetensors``.
@@ -20,8 +20,7 @@ import numpy as np
 from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights.files import SAFETENSORS, WEIGHTS_FILES, NamedTensors, is_index, is_weights_folder, one_line
-from gptjax.weights.files import shard_names, shards
+from gptjax.weights.files import SAFETENSORS, NamedTensors, is_weights_folder, one_line
 from gptjax.weights.mapping import (
     Row,
     check_config,
@@ -146,95 +145,6 @@ def hf_config(cfg: GPTConfig, *, tied: bool) -> dict[str, Any]:
         "tie_word_embeddings": tied,
         "torch_dtype": "float32",
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Model ids on the Hugging Face Hub, through its cache
-
-# GPT-2's short ids now live under openai-community (the Hub redirects); a cache may hold either name.
-HUB_ALIASES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` can be a Hub model id: one of GPT-2's short ids or ``owner/name``."""
-    return name in HUB_ALIASES or bool(_HUB_ID.fullmatch(name))
-
-
-def hub_folder(model_id: str) -> Path:
-    """A local folder holding ``model_id``'s config.json and weights: the Hugging Face cache's copy when it
-    is complete there (no network needed), else downloaded into the cache (one weights layout, the first of
-    :data:`WEIGHTS_FILES` the model has)."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    alias = HUB_ALIASES.get(model_id) or next((k for k, v in HUB_ALIASES.items() if v == model_id), None)
-    for repo in (model_id, alias) if alias else (model_id,):
-        if (folder := _cached(repo)) is not None:
-            return folder
-    where = f"not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-    if constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(
-            f"{model_id}: no such file or folder, and {where}; HF_HUB_OFFLINE is set, so it cannot be downloaded "
-            "(unset it, or give a local path)"
-        )
-    try:
-        return _download(model_id)
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(
-            f"{model_id}: no such file or folder, nor a model on the Hugging Face Hub (a private or gated one "
-            "needs `hf auth login`)"
-        ) from None
-    except OSError as e:  # no network, a proxy, a server error: huggingface_hub's errors are OSErrors
-        raise FileNotFoundError(
-            f"{model_id}: no such file or folder, {where}, and the Hub cannot be reached ({one_line(e, 160)}); "
-            "download it once with a network, or give a local path"
-        ) from None
-
-
-def _cached(repo: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    config = try_to_load_from_cache(repo, CONFIG)
-    if not isinstance(config, str):
-        return None
-    folder = Path(config).parent  # the snapshot: every cached file of that revision
-    name = next((n for n in WEIGHTS_FILES if (folder / n).is_file()), None)
-    if name is None:
-        return None
-    if is_index(folder / name):
-        try:
-            shards(folder / name)
-        except (ValueError, FileNotFoundError):  # an interrupted download: fetch the rest
-            return None
-    return folder
-
-
-def _download(repo: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    config = Path(hf_hub_download(repo, CONFIG))
-    try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type != "gpt2":  # before any weights are downloaded
-        raise ValueError(
-            f"{repo}: model_type {model_type!r} in its config.json is not GPT-2; gptjax reads GPT-2 models only"
-        )
-    for name in WEIGHTS_FILES:
-        try:
-            path = Path(hf_hub_download(repo, name))
-        except EntryNotFoundError as e:
-            if isinstance(e, LocalEntryNotFoundError):  # not "no such file": the Hub could not be asked
-                raise
-            continue
-        if is_index(path):
-            for shard in shard_names(path):
-                hf_hub_download(repo, shard)
-        return path.parent
-    raise ValueError(f"{repo} on the Hugging Face Hub has none of {', '.join(WEIGHTS_FILES)}")
 
 
 def _config_from_tensors(tensors: Any, source: str) -> dict[str, Any]:

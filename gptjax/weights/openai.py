@@ -1,5 +1,5 @@
 """Name table: OpenAI's GPT-2 variable names (``model/h0/attn/c_attn/w``) with its ``hparams.json``; the
-writer of OpenAI's release layout; and the release's download.
+writer of OpenAI's release layout (its download is :mod:`gptjax.weights.hub`'s).
 
 A release folder holds ``hparams.json`` and a TensorFlow checkpoint (``checkpoint``, ``model.ckpt.*``)
 whose variables are named ``model/wte``, ``model/h0/attn/c_attn/w``, ... Its 1x1 convolution weights
@@ -10,20 +10,15 @@ side, and the output head is the token embedding (tied). Reading needs no Tensor
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import re
-import urllib.error
-import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from gptjax.atomic import atomic_dir, made_dirs
+from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
 from gptjax.weights.files import NamedTensors
@@ -37,21 +32,6 @@ from gptjax.weights.mapping import (
     tensors_from_params,
 )
 
-GPT2_SIZES = ("124M", "355M", "774M", "1558M")
-GPT2_FILES = (
-    "checkpoint",
-    "encoder.json",
-    "hparams.json",
-    "model.ckpt.data-00000-of-00001",
-    "model.ckpt.index",
-    "model.ckpt.meta",
-    "vocab.bpe",
-)
-# OpenAI's own location first, then the book's backup copy.
-BASE_URLS = (
-    "https://openaipublic.blob.core.windows.net/gpt-2/models",
-    "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2",
-)
 HPARAMS = "hparams.json"
 CKPT = "model.ckpt"
 SCOPE = "model/"
@@ -281,103 +261,3 @@ def _import_tf():
     except ImportError:
         raise ValueError("writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax[tf]") from None
     return tf
-
-
-# ---------------------------------------------------------------------------------------------
-# Download
-
-
-def download_gpt2(
-    model_size: str,
-    models_dir: str | os.PathLike,
-    *,
-    base_urls: Sequence[str] = BASE_URLS,
-    retries: int = 3,
-    timeout: float = 60.0,
-    progress: bool = True,
-) -> Path:
-    """Download OpenAI's GPT-2 ``model_size`` into ``models_dir/model_size`` and return that folder.
-
-    Each file comes from the first base URL that serves it, is resumed with an HTTP Range request
-    when a transfer breaks off (also across runs: the partial file stays as ``NAME.part``), is checked
-    against the server's Content-Length, and appears under its name only when complete (atomic rename),
-    so files already there are skipped.
-    """
-    if model_size not in GPT2_SIZES:
-        raise ValueError(f"unknown GPT-2 size {model_size!r}; choose one of {', '.join(GPT2_SIZES)}")
-    if not base_urls:
-        raise ValueError("no base URLs to download from")
-    with made_dirs(Path(models_dir) / model_size) as folder:  # removed again if nothing arrives
-        for name in GPT2_FILES:
-            dest = folder / name
-            if dest.is_file():
-                continue
-            failures = []
-            for base in base_urls:
-                url = f"{base.rstrip('/')}/{model_size}/{name}"
-                try:
-                    _fetch(url, dest, retries=retries, timeout=timeout, progress=progress)
-                    break
-                except _DownloadError as e:
-                    failures.append(f"{url} ({e})")
-            else:
-                raise ValueError(f"could not download {name} of GPT-2 {model_size}: tried " + "; ".join(failures))
-    return folder
-
-
-class _DownloadError(Exception):
-    pass
-
-
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+)")
-
-
-def _fetch(url: str, dest: Path, *, retries: int, timeout: float, progress: bool) -> None:
-    """``url`` into ``dest`` by way of ``dest.part``, resuming it across attempts (and runs)."""
-    part = dest.with_name(dest.name + ".part")
-    total = None  # the size the server announced first: every later answer must agree
-    last = "no answer"
-    for _ in range(max(1, retries)):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                announced, start = _announced_size(response, have)
-                if total is not None and announced is not None and announced != total:
-                    part.unlink(missing_ok=True)
-                    raise _DownloadError(f"size mismatch: the server first announced {total} bytes, now {announced}")
-                total = announced if announced is not None else total
-                with open(part, "ab" if start else "wb") as f, tqdm(
-                    total=total, initial=start, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-                ) as bar:
-                    while chunk := response.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # the partial file is no prefix of this one: start over
-                part.unlink()
-                continue
-            raise _DownloadError(f"HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            last = one_line(e)
-            continue  # broken off: resume from what arrived
-        size = part.stat().st_size
-        if total is None or size == total:
-            os.replace(part, dest)
-            return
-        if size > total:
-            part.unlink()
-            raise _DownloadError(f"size mismatch: received {size} bytes, the server announced {total}")
-        last = f"the transfer broke off at {size} of {total} bytes"
-    raise _DownloadError(f"incomplete after {retries} attempts, last: {last}; run again to resume")
-
-
-def _announced_size(response: http.client.HTTPResponse, have: int) -> tuple[int | None, int]:
-    """(full file size the server announces, offset its body starts at)."""
-    if have and response.status == 206:
-        m = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-        if not m or int(m.group(1)) != have:
-            raise _DownloadError(f"bad Content-Range {response.headers.get('Content-Range')!r} for a resume at {have}")
-        return int(m.group(2)), have
-    length = response.headers.get("Content-Length")
-    return (int(length) if length is not None else None), 0
