@@ -3,7 +3,7 @@
 :func:`load_weights` runs four steps, each in its own module:
 
 1. **detect the reader** from the files (:func:`detect_format`; a Hub model id is first fetched into the
-   Hugging Face cache, :mod:`gptjax.weights.hf`);
+   Hugging Face cache, :mod:`gptjax.weights.hub`);
 2. **read**: the reader turns the file or folder into lazily read named tensors (:class:`files.NamedTensors`):
    :mod:`~gptjax.weights.torch_file` (``.pth``/``.pt``/``.bin``, sharded, pre-1.6 torch too),
    :mod:`~gptjax.weights.safetensors_file` (one file or sharded), :mod:`~gptjax.weights.tf_checkpoint`
@@ -17,18 +17,16 @@
    (gptjax's own ``trf_blocks.0.att.W_query.kernel``).
 
 No reader knows a name and no name table knows a file, so a ``.pth`` of Hugging Face names or a safetensors
-file of the book's names goes through the same path. No module here imports a sibling reader or name table;
-this module is the only one that joins them.
+file of the book's names goes through the same path. No reader or name table imports a sibling; this module
+(reading) and :mod:`~gptjax.weights.writers` (writing) are the only ones that join them.
 
-:func:`save_weights` writes each of :data:`FORMATS` by its entry in :data:`WRITERS`: a function
-``save(params, cfg, path, *, overwrite)`` that writes one naming into its usual files, atomically. A new
-format is one module (its names and its writer) plus one entry there.
+:func:`save_weights` is the mirror (:mod:`~gptjax.weights.writers`): a name table's ``to_tensors`` and a
+container's ``write``, for each of :data:`FORMATS`; a torch or safetensors file takes any naming.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +34,7 @@ from gptjax.config import GPTConfig
 from gptjax.model import Params
 from gptjax.weights import book, gguf, hf, hub, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
 from gptjax.weights.files import NamedTensors, folder_weights, is_weights_folder
-from gptjax.weights.mapping import check_params
-
-TORCH_SUFFIXES = (".pth", ".pt")  # save_weights' default format for these suffixes is torch
-
-
-def _save_gptjax(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    from gptjax.checkpoint import save_params  # orbax: imported only when used
-
-    save_params(params, cfg, path, overwrite=overwrite)
-
-
-# Format -> its writer: save(params, cfg, path, *, overwrite) that checks the destination before any slow work
-# and writes atomically (gptjax.atomic). The first four are also what detect_format answers; GGUF (for
-# llama.cpp) is written only.
-WRITERS: dict[str, Callable[..., None]] = {
-    "gptjax": _save_gptjax,
-    "torch": book.save_torch,
-    "hf": hf.save_hf,
-    "openai": openai.save_openai,
-    "gguf": gguf.save_gguf,
-}
-FORMATS = tuple(WRITERS)
+from gptjax.weights.writers import FORMATS, WRITERS, save_weights
 
 # Name tables, tried in this order: each has claims(names) -> bool and to_params(NamedTensors, cfg).
 NAMINGS = (book, hf, openai, tree_names)
@@ -143,25 +120,6 @@ def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], d
     """``(settings, params)`` exactly as the book's ``load_gpt2_params_from_tf_ckpt``: hparams.json and the
     squeezed variables nested as ``params["blocks"][i]["attn"]["c_attn"]["w"]``, ``wte``, ``wpe``, ``g``, ``b``."""
     return openai.book_release(folder, tf_checkpoint.read_folder(Path(folder)).tensors)
-
-
-def save_weights(
-    params: Params, cfg: GPTConfig, path: str | os.PathLike, format: str | None = None, *, overwrite: bool = False,
-    **options: Any,
-) -> None:
-    """Write ``params`` in ``format`` (one of :data:`FORMATS`; by default ``torch`` for a .pth/.pt path,
-    ``gguf`` for a .gguf one, else ``gptjax``); ``options`` go to that format's writer (``gguf_type``).
-    Atomic: on any failure nothing is left at ``path`` (an earlier file stays as it was).
-
-    An existing destination is refused unless ``overwrite``; then only the files this format writes (the
-    weights and their config) are replaced, each atomically, and every other file of a folder is kept."""
-    if format is None:
-        suffix = Path(path).suffix
-        format = "torch" if suffix in TORCH_SUFFIXES else "gguf" if suffix == gguf.GGUF_SUFFIX else "gptjax"
-    if format not in WRITERS:
-        raise ValueError(f"unknown weights format {format!r}; choose one of {', '.join(FORMATS)}")
-    check_params(params, cfg)
-    WRITERS[format](params, cfg, path, overwrite=overwrite, **options)
 
 
 __all__ = ["FORMATS", "NAMINGS", "WRITERS", "detect_format", "load_openai_checkpoint", "load_weights",

@@ -1,30 +1,28 @@
 """Name table: the book's PyTorch ``GPTModel`` state_dict (chapter 4/5 names: ``trf_blocks.0.att.W_query.weight``),
-in whatever file holds it (a torch ``.pth``, a safetensors file), and the torch ``.pth`` writer.
+in whatever file holds it (a torch ``.pth``, a safetensors file), both ways.
 
 torch is imported only inside the functions that need it, so the rest of gptjax runs without it.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gptjax.atomic import atomic_file, check_overwrite
+import numpy as np
+
 from gptjax.config import GPTConfig, get_config
 from gptjax.model import Params
 from gptjax.weights.files import NamedTensors, import_torch, to_numpy
 from gptjax.weights.mapping import (
     Row,
     check_config,
-    check_sidecar_free,
     config_beside,
     params_from_tensors,
     sidecar_path,
     tensors_from_params,
-    write_sidecar,
 )
 
 MASK_SUFFIX = ".att.mask"
@@ -62,15 +60,19 @@ def from_torch_state_dict(state_dict: Mapping[str, Any], cfg: GPTConfig) -> Para
     return params_from_tensors(book_table(cfg), tensors, cfg, source="torch state_dict", ignore=(MASK_SUFFIX,))
 
 
+def to_tensors(params: Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """The book's state_dict as float32 numpy arrays: every parameter, and each block's causal-mask buffer, so
+    that ``GPTModel(cfg).load_state_dict(..., strict=True)`` takes it."""
+    tensors = tensors_from_params(book_table(cfg), params)
+    for i in range(cfg.n_layers):
+        tensors[f"trf_blocks.{i}{MASK_SUFFIX}"] = np.triu(np.ones((cfg.context_length,) * 2, np.float32), k=1)
+    return tensors
+
+
 def to_torch_state_dict(params: Params, cfg: GPTConfig) -> dict[str, Any]:
     """A state_dict that the book's ``GPTModel(cfg).load_state_dict(..., strict=True)`` accepts."""
-    import torch
-
-    state = {k: torch.from_numpy(v) for k, v in tensors_from_params(book_table(cfg), params).items()}
-    mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
-    for i in range(cfg.n_layers):
-        state[f"trf_blocks.{i}{MASK_SUFFIX}"] = mask.clone()
-    return state
+    torch = import_torch()
+    return {k: torch.from_numpy(v) for k, v in to_tensors(params, cfg).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,19 +125,6 @@ def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTCo
     """Parameters and config from book-named tensors (the ``att.mask`` buffers may be there or not)."""
     cfg = config_from_tensors(found.tensors.shapes, cfg, found.weights_file, source=found.source)
     return params_from_tensors(book_table(cfg), found.tensors, cfg, source=found.source, ignore=(MASK_SUFFIX,)), cfg
-
-
-def save_torch(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """torch.save the book's state_dict to ``path`` atomically, with the config (the head count is not in the
-    tensor shapes) in its own file beside it: ``model.pth`` -> ``model.config.json``. An existing ``path``
-    or config file is replaced only with ``overwrite``."""
-    torch = import_torch()
-    check_overwrite(path, overwrite)
-    check_sidecar_free(path, overwrite)
-    state = to_torch_state_dict(params, cfg)
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
-    write_sidecar(path, cfg)
 
 
 _BLOCK_KEY = re.compile(r"trf_blocks\.(\d+)\.norm1\.scale$")

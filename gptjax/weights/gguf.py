@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig
 from gptjax.model import Params
 from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
+from gptjax.weights.mapping import Row, tensors_from_params, zero_qkv_biases
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 GGUF_SUFFIX = ".gguf"
@@ -74,7 +74,7 @@ def save_gguf(
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, cfg.vocab_size, gguf)
-    for name, value in _gguf_tensors(params, cfg, gguf):
+    for name, value in to_tensors(params, cfg, gguf).items():
         data, data_type = _encode(name, value, qtype, gguf)
         writer.add_tensor(name, data, raw_dtype=data_type)
 
@@ -95,53 +95,46 @@ def _import_gguf() -> Any:
     return gguf
 
 
-def _gguf_tensors(params: Params, cfg: GPTConfig, gguf: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """(llama.cpp name, float32 array in ggml's row layout) for every tensor of the gpt2 architecture.
+def gguf_table(cfg: GPTConfig, gguf: Any) -> list[Row]:
+    """llama.cpp's gpt2 tensor name -> gptjax tree path.
 
     ggml stores a matrix as torch does, [out, in] in numpy order, and flax kernels are [in, out]: every
-    kernel is transposed, as llama.cpp's converter transposes Hugging Face GPT-2's Conv1D weights."""
-    names = gguf.TENSOR_NAMES
+    kernel is transposed, as llama.cpp's converter transposes Hugging Face GPT-2's Conv1D weights. The
+    output head is always its own tensor: gptjax's out_head is a separate parameter, even where it was
+    trained tied."""
     T = gguf.MODEL_TENSOR
 
-    def get(*path: Any) -> np.ndarray:
-        value = params
-        for part in path:
-            value = value[part]
-        return np.asarray(value, dtype=np.float32)
+    def name(tensor: Any, kind: str, i: int | None = None) -> str:
+        return f"{gguf.TENSOR_NAMES[tensor].format(bid=i)}.{kind}"
 
-    def matrix(*path: Any) -> np.ndarray:
-        return np.ascontiguousarray(get(*path, "kernel").T)
-
-    yield f"{names[T.TOKEN_EMBD]}.weight", get("tok_emb", "embedding")
-    yield f"{names[T.POS_EMBD]}.weight", get("pos_emb", "embedding")
+    table = [Row(name(T.TOKEN_EMBD, "weight"), ("tok_emb", "embedding")),
+             Row(name(T.POS_EMBD, "weight"), ("pos_emb", "embedding"))]
     for i in range(cfg.n_layers):
-        block = ("trf_blocks", i)
-        att = (*block, "att")
-        projections = ("W_query", "W_key", "W_value")
+        b = ("trf_blocks", i)
+        for j, proj in enumerate(("W_query", "W_key", "W_value")):
+            table.append(Row(name(T.ATTN_QKV, "weight", i), (*b, "att", proj, "kernel"), transpose=True, part=(j, 3)))
+            if cfg.qkv_bias:
+                table.append(Row(name(T.ATTN_QKV, "bias", i), (*b, "att", proj, "bias"), part=(j, 3)))
+        for tensor, path in ((T.ATTN_NORM, ("norm1",)), (T.FFN_NORM, ("norm2",))):
+            table += [Row(name(tensor, "weight", i), (*b, *path, "scale")),
+                      Row(name(tensor, "bias", i), (*b, *path, "shift"))]
+        for tensor, path in ((T.ATTN_OUT, ("att", "out_proj")), (T.FFN_UP, ("ff", "layers", 0)),
+                             (T.FFN_DOWN, ("ff", "layers", 2))):
+            table += [Row(name(tensor, "weight", i), (*b, *path, "kernel"), transpose=True),
+                      Row(name(tensor, "bias", i), (*b, *path, "bias"))]
+    table += [Row(name(T.OUTPUT_NORM, "weight"), ("final_norm", "scale")),
+              Row(name(T.OUTPUT_NORM, "bias"), ("final_norm", "shift")),
+              Row(name(T.OUTPUT, "weight"), ("out_head", "kernel"), transpose=True)]
+    return table
 
-        def name(tensor: Any, kind: str) -> str:
-            return f"{names[tensor].format(bid=i)}.{kind}"  # noqa: B023 (used before i moves on)
 
-        yield name(T.ATTN_NORM, "weight"), get(*block, "norm1", "scale")
-        yield name(T.ATTN_NORM, "bias"), get(*block, "norm1", "shift")
-        # llama.cpp's gpt2 requires the fused bias; a model built without qkv_bias has none, i.e. zeros.
-        yield name(T.ATTN_QKV, "weight"), np.concatenate([matrix(*att, p) for p in projections], axis=0)
-        yield name(T.ATTN_QKV, "bias"), (
-            np.concatenate([get(*att, p, "bias") for p in projections]) if cfg.qkv_bias
-            else np.zeros(3 * cfg.emb_dim, np.float32)
-        )
-        yield name(T.ATTN_OUT, "weight"), matrix(*att, "out_proj")
-        yield name(T.ATTN_OUT, "bias"), get(*att, "out_proj", "bias")
-        yield name(T.FFN_NORM, "weight"), get(*block, "norm2", "scale")
-        yield name(T.FFN_NORM, "bias"), get(*block, "norm2", "shift")
-        yield name(T.FFN_UP, "weight"), matrix(*block, "ff", "layers", 0)
-        yield name(T.FFN_UP, "bias"), get(*block, "ff", "layers", 0, "bias")
-        yield name(T.FFN_DOWN, "weight"), matrix(*block, "ff", "layers", 2)
-        yield name(T.FFN_DOWN, "bias"), get(*block, "ff", "layers", 2, "bias")
-    yield f"{names[T.OUTPUT_NORM]}.weight", get("final_norm", "scale")
-    yield f"{names[T.OUTPUT_NORM]}.bias", get("final_norm", "shift")
-    # Always its own tensor: gptjax's out_head is a separate parameter, even where it was trained tied.
-    yield f"{names[T.OUTPUT]}.weight", matrix("out_head")
+def to_tensors(params: Params, cfg: GPTConfig, gguf: Any) -> dict[str, np.ndarray]:
+    """The tensors of llama.cpp's gpt2 architecture as float32 numpy, in its order (it requires the fused
+    query/key/value bias: a model built without qkv_bias gets zeros, the same model)."""
+    bias = lambda i: f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ATTN_QKV].format(bid=i)}.bias"  # noqa: E731
+    tensors = {**tensors_from_params(gguf_table(cfg, gguf), params), **zero_qkv_biases(cfg, bias)}
+    order = {row.key: n for n, row in enumerate(gguf_table(cfg.replace(qkv_bias=True), gguf))}
+    return dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
 
 
 def _encode(name: str, value: np.ndarray, qtype: Any, gguf: Any) -> tuple[np.ndarray, Any]:
@@ -213,4 +206,4 @@ def _bpe(piece: bytes, ranks: dict[bytes, int], *, max_rank: int) -> list[bytes]
     return parts
 
 
-__all__ = ["GGUF_SUFFIX", "GGUF_TYPES", "gpt2_tokens_and_merges", "save_gguf"]
+__all__ = ["GGUF_SUFFIX", "GGUF_TYPES", "gguf_table", "gpt2_tokens_and_merges", "save_gguf", "to_tensors"]

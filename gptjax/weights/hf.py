@@ -1,33 +1,33 @@
 """Name table: Hugging Face transformers' ``GPT2LMHeadModel`` names (``h.0.attn.c_attn.weight``, ... once the
 ``transformer.`` prefix is stripped), in whatever file holds them (safetensors, a torch ``pytorch_model.bin``),
-with the ``config.json`` beside them; and the Hugging Face folder writer (Hub model ids are
-:mod:`gptjax.weights.hub`'s).
+with the ``config.json`` beside them (or a single file's own gptjax config file), both ways (Hub model ids
+are :mod:`gptjax.weights.hub`'s).
 
 Its Conv1D weights are already [in, out] like Flax kernels, and ``c_attn`` holds query, key and value side
-by side. Writing produces one ``model.safetensors``.
+by side.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights.files import SAFETENSORS, NamedTensors, is_weights_folder, one_line
+from gptjax.weights.files import NamedTensors, one_line
 from gptjax.weights.mapping import (
     Row,
     check_config,
-    get_path,
+    head_is_tied,
     heads_for,
     params_from_tensors,
+    sidecar_config,
     tensors_from_params,
+    zero_qkv_biases,
 )
 
 CONFIG = "config.json"
@@ -79,10 +79,14 @@ def claims(names) -> bool:
 def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTConfig]:
     """Parameters and config from GPT-2-named tensors, with the ``config.json`` beside them if there is one."""
     tensors, source = found.tensors.renamed(lambda k: None if k.endswith(BUFFER_SUFFIXES) else k), found.source
-    folder = found.weights_file if found.weights_file.is_dir() else found.weights_file.parent
+    weights_file = found.weights_file
+    folder = weights_file if weights_file.is_dir() else weights_file.parent
     found = _config_from_tensors(tensors, source)
-    hf_config = _read_hf_config(folder / CONFIG, found)
-    if hf_config is not None:
+    own = None if weights_file.is_dir() else sidecar_config(weights_file)
+    hf_config = None if own is not None else _read_hf_config(folder / CONFIG, found)
+    if own is not None:
+        cfg = cfg or check_config(own, found, source)
+    elif hf_config is not None:
         found["n_heads"] = hf_config["n_head"]
     if cfg is not None:
         cfg = check_config(cfg, found, source)
@@ -98,25 +102,19 @@ def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTCo
     return params_from_tensors(table, tensors, cfg, source=source, ignore=ignore), cfg
 
 
-def save_hf(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """A folder that ``GPT2LMHeadModel.from_pretrained`` and :func:`gptjax.weights.load_weights` read. An output head that
-    differs from the token embedding is written as ``lm_head.weight`` with ``tie_word_embeddings: false``.
-    Into an existing folder only with ``overwrite``, replacing only ``model.safetensors`` and ``config.json``
-    (a tokenizer or anything else there stays)."""
-    from safetensors.numpy import save_file
+def to_tensors(params: Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """``GPT2LMHeadModel``'s state_dict as float32 numpy: an output head that differs from the token embedding
+    as ``lm_head.weight`` (:func:`config_file` then says ``tie_word_embeddings: false``), zero c_attn biases
+    for a model without them (GPT-2 always has them)."""
+    tied = head_is_tied(params)
+    tensors = {**tensors_from_params(hf_table(cfg, lm_head=not tied), params),
+               **zero_qkv_biases(cfg, lambda i: f"h.{i}.attn.c_attn.bias")}
+    return {(k if k == LM_HEAD else PREFIX + k): v for k, v in sorted(tensors.items())}
 
-    writer = atomic_dir(path, (SAFETENSORS, CONFIG), is_weights_folder, overwrite=overwrite)  # checks, before any work
 
-    tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
-    tied = np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb)
-    tensors = tensors_from_params(hf_table(cfg, lm_head=not tied), params)
-    if not cfg.qkv_bias:  # GPT-2 always has these biases; zeros are the same model
-        for i in range(cfg.n_layers):
-            tensors[f"h.{i}.attn.c_attn.bias"] = np.zeros(3 * cfg.emb_dim, np.float32)
-    tensors = {(k if k == LM_HEAD else PREFIX + k): v for k, v in sorted(tensors.items())}
-    with writer as tmp:
-        save_file(tensors, tmp / SAFETENSORS, metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(hf_config(cfg, tied=tied), indent=2) + "\n")
+def config_file(params: Params, cfg: GPTConfig) -> tuple[str, str]:
+    """(name, text) of the config.json that transformers reads beside these weights."""
+    return CONFIG, json.dumps(hf_config(cfg, tied=head_is_tied(params)), indent=2) + "\n"
 
 
 def hf_config(cfg: GPTConfig, *, tied: bool) -> dict[str, Any]:

@@ -127,19 +127,37 @@ def _own_copy(value: np.ndarray) -> np.ndarray:
 
 
 def tensors_from_params(table: list[Row], params: Params) -> dict[str, np.ndarray]:
-    """The external tensors (float32 numpy, C-contiguous) for ``params`` following ``table``."""
+    """The external tensors (float32 numpy, C-contiguous) for ``params`` following ``table``: the exact
+    inverse of :func:`params_from_tensors` (a fused tensor's parts are joined, then transposed)."""
     out: dict[str, np.ndarray] = {}
     parts: dict[str, dict[int, np.ndarray]] = {}
+    transposed: dict[str, bool] = {}
     for row in table:
         value = np.asarray(jax.device_get(get_path(params, row.path)), dtype=np.float32)
-        value = value.T if row.transpose else value
         if row.part is None:
-            out[row.key] = np.array(value, order="C")  # a writable copy
+            out[row.key] = np.array(value.T if row.transpose else value, order="C")  # a writable copy
         else:
             parts.setdefault(row.key, {})[row.part[0]] = value
+            transposed[row.key] = row.transpose
     for key, pieces in parts.items():
-        out[key] = np.concatenate([pieces[i] for i in sorted(pieces)], axis=-1)
+        joined = np.concatenate([pieces[i] for i in sorted(pieces)], axis=-1)
+        out[key] = np.ascontiguousarray(joined.T if transposed[key] else joined)
     return out
+
+
+def head_is_tied(params: Params) -> bool:
+    """Whether the output head is the token embedding (as GPT-2 trained it), so a format that stores one
+    matrix for both (Hugging Face's tied ``lm_head``, OpenAI's release) loses nothing."""
+    tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
+    return np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb)
+
+
+def zero_qkv_biases(cfg: GPTConfig, key: Any) -> dict[str, np.ndarray]:
+    """The fused query/key/value biases of a model built without them, as zeros (the same model), for the
+    formats whose GPT-2 layout always has them; ``key(i)`` names block ``i``'s. Empty when ``cfg.qkv_bias``."""
+    if cfg.qkv_bias:
+        return {}
+    return {key(i): np.zeros(3 * cfg.emb_dim, np.float32) for i in range(cfg.n_layers)}
 
 
 def check_params(params: Params, cfg: GPTConfig) -> None:
@@ -240,6 +258,11 @@ def config_beside(weights_file: str | os.PathLike, found: Mapping[str, Any], *, 
     if shared is not None and not any(_disagreement(shared, found)):
         return shared
     return GPTConfig(**found, n_heads=heads_for(found["emb_dim"], source, found))
+
+
+def sidecar_config(weights_file: str | os.PathLike) -> GPTConfig | None:
+    """The config in ``weights_file``'s own config file (as save_weights writes beside single files), if any."""
+    return _read_config_file(sidecar_path(weights_file))
 
 
 def _disagreement(cfg: GPTConfig, found: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:

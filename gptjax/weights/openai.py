@@ -1,5 +1,5 @@
-"""Name table: OpenAI's GPT-2 variable names (``model/h0/attn/c_attn/w``) with its ``hparams.json``; the
-writer of OpenAI's release layout (its download is :mod:`gptjax.weights.hub`'s).
+"""Name table: OpenAI's GPT-2 variable names (``model/h0/attn/c_attn/w``) with its ``hparams.json`` (or a single
+file's own gptjax config file), both ways (the release's download is :mod:`gptjax.weights.hub`'s).
 
 A release folder holds ``hparams.json`` and a TensorFlow checkpoint (``checkpoint``, ``model.ckpt.*``)
 whose variables are named ``model/wte``, ``model/h0/attn/c_attn/w``, ... Its 1x1 convolution weights
@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from gptjax.atomic import atomic_dir
 from gptjax.config import GPTConfig
 from gptjax.model import Params
 from gptjax.weights.files import NamedTensors
@@ -26,15 +25,17 @@ from gptjax.weights.lazy import LazyTensors
 from gptjax.weights.mapping import (
     Row,
     check_config,
-    get_path,
+    head_is_tied,
     one_line,
     params_from_tensors,
+    sidecar_config,
     tensors_from_params,
+    zero_qkv_biases,
 )
 
 HPARAMS = "hparams.json"
-CKPT = "model.ckpt"
 SCOPE = "model/"
+_QKV_BIAS = "/attn/c_attn/b"
 
 
 def openai_table(cfg: GPTConfig, *, head: bool = True) -> list[Row]:
@@ -182,55 +183,40 @@ def claims(names) -> bool:
 
 
 def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTConfig]:
-    """Parameters and config from OpenAI-named tensors and the ``hparams.json`` beside them. Zero c_attn
-    biases (as :func:`save_openai` writes for a model without them) load as ``qkv_bias=False`` unless
-    ``cfg`` asks for them."""
+    """Parameters and config from OpenAI-named tensors and the ``hparams.json`` beside them (else the file's
+    own config file). Zero c_attn biases (as :func:`to_tensors` writes for a model without them) load as
+    ``qkv_bias=False`` unless ``cfg`` or the file's own config asks for them."""
     folder = found.weights_file.parent
-    source = f"OpenAI GPT-2 checkpoint {folder}"
-    settings = read_settings(folder)
+    own = None if (folder / HPARAMS).is_file() else sidecar_config(found.weights_file)
+    source = f"OpenAI GPT-2 checkpoint {folder}" if own is None else found.source
     tensors = found.tensors
-    found = settings_to_config(settings, source=str(folder / HPARAMS))
+    found = own or settings_to_config(read_settings(folder), source=str(folder / HPARAMS))
     has_bias = any(np.any(tensors[k]) for k in tensors if k.endswith(_QKV_BIAS))
     if cfg is None:
-        cfg = found.replace(qkv_bias=has_bias)
+        cfg = found if own is not None else found.replace(qkv_bias=has_bias)
     else:
         cfg = check_config(cfg, {**found.to_dict(), **({} if has_bias else {"qkv_bias": cfg.qkv_bias})}, source)
     ignore = () if cfg.qkv_bias else _zero_qkv_bias(tensors, source)
     return params_from_tensors(openai_table(cfg), _squeezed(tensors, source), cfg, source=source, ignore=ignore), cfg
 
 
-def save_openai(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """A folder in OpenAI's layout (``hparams.json``, ``checkpoint``, ``model.ckpt.index/.data-*``, variable
-    names and [1, in, out] shapes as released) that TensorFlow and :func:`gptjax.weights.load_weights` read. The tokenizer
-    files and the ``.meta`` graph are not written (gptjax bundles the tokenizer). OpenAI's format ties
-    the output head to the token embedding, so ``params`` must too. Into an existing folder only with
-    ``overwrite``, replacing only the files named above."""
-    names = (HPARAMS, "checkpoint", f"{CKPT}.index", f"{CKPT}.data-00000-of-00001")
-    writer = atomic_dir(path, names, is_openai_folder, overwrite=overwrite)  # checks before any work
-    tok_emb = np.asarray(get_path(params, ("tok_emb", "embedding")))
-    if not np.array_equal(np.asarray(get_path(params, ("out_head", "kernel"))).T, tok_emb):
+def to_tensors(params: Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """The release's variables as float32 numpy: its names, [1, in, out] convolution weights, zero c_attn
+    biases for a model without them. OpenAI's format ties the output head to the token embedding, so
+    ``params`` must too."""
+    if not head_is_tied(params):
         raise ValueError(
             "OpenAI's GPT-2 format has no separate output head, but out_head differs from tok_emb in these "
             "parameters; save them as hf, torch or gptjax instead"
         )
-    tensors = tensors_from_params(openai_table(cfg, head=False), params)
-    if not cfg.qkv_bias:  # GPT-2 always has these biases; zeros are the same model
-        for i in range(cfg.n_layers):
-            tensors[f"{SCOPE}h{i}/attn/c_attn/b"] = np.zeros(3 * cfg.emb_dim, np.float32)
-    tensors = {k: v[None] if k.endswith("/w") else v for k, v in sorted(tensors.items())}
-    tf = _import_tf()
-    with writer as tmp:
-        tf.raw_ops.SaveV2(
-            prefix=str(tmp / CKPT),
-            tensor_names=list(tensors),
-            shape_and_slices=[""] * len(tensors),
-            tensors=[tf.constant(v) for v in tensors.values()],
-        )
-        (tmp / "checkpoint").write_text(f'model_checkpoint_path: "{CKPT}"\nall_model_checkpoint_paths: "{CKPT}"\n')
-        (tmp / HPARAMS).write_text(json.dumps(config_to_settings(cfg), indent=2) + "\n")
+    tensors = {**tensors_from_params(openai_table(cfg, head=False), params),
+               **zero_qkv_biases(cfg, lambda i: f"{SCOPE}h{i}{_QKV_BIAS}")}
+    return {k: v[None] if k.endswith("/w") else v for k, v in sorted(tensors.items())}
 
 
-_QKV_BIAS = "/attn/c_attn/b"
+def config_file(params: Params, cfg: GPTConfig) -> tuple[str, str]:
+    """(name, text) of the hparams.json beside the checkpoint."""
+    return HPARAMS, json.dumps(config_to_settings(cfg), indent=2) + "\n"
 
 
 def _squeezed(tensors: LazyTensors, source: str) -> LazyTensors:
@@ -250,14 +236,3 @@ def _zero_qkv_bias(tensors: Mapping[str, Any], source: str) -> tuple[str, ...]:
         if k.endswith(_QKV_BIAS) and np.any(np.asarray(tensors[k])):
             raise ValueError(f"{source}: tensor {k!r} is not zero but the config has qkv_bias=False")
     return (_QKV_BIAS,)
-
-
-def _import_tf():
-    # TensorFlow's start-up chatter; its oneDNN kernels are moot here, where it only reads and writes files.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ValueError("writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax[tf]") from None
-    return tf

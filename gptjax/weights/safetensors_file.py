@@ -1,8 +1,9 @@
-"""Reader: safetensors files (one, or every shard a ``model.safetensors.index.json`` names), with any names
-in them. Needs only the safetensors package."""
+"""Container: safetensors files (one, or every shard a ``model.safetensors.index.json`` names), with any names
+in them, read; and one file written. Needs only the safetensors package."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -49,3 +50,11 @@ def read_file(file: Path) -> LazyTensors:
             raise damaged(e) from None
 
     return LazyTensors(shapes, read_one)
+
+
+def write(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """``tensors`` as one safetensors file at ``path`` (the caller makes it atomic), with transformers'
+    ``format: pt`` metadata, which its loaders require."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), path, metadata={"format": "pt"})

@@ -9,15 +9,16 @@ shard, offset, size, masked crc32c of the bytes). The data files hold the raw li
 No library reads this format without TensorFlow itself, so it is written here (and tested bitwise against
 ``tf.train.load_checkpoint`` on files TensorFlow wrote); the checksums use the google-crc32c package.
 
-As a reader of weights (:func:`read_folder`): a folder with TensorFlow's ``checkpoint`` state file naming
-its bundle (OpenAI's GPT-2 release is one), whatever names the variables have.
+As a container of weights: :func:`read_folder` reads a folder with TensorFlow's ``checkpoint`` state file
+naming its bundle (OpenAI's GPT-2 release is one), whatever names the variables have; :func:`write_folder`
+writes one, through TensorFlow (``pip install gptjax[tf]``): writing is where this reader's tests need it.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,6 +156,32 @@ def read_folder(folder: Path) -> NamedTensors:
             raise failure(e) from None
 
     return NamedTensors(LazyTensors(bundle.shapes, read), prefix, f"TensorFlow checkpoint {folder}")
+
+
+def write_folder(folder: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """``tensors`` as the bundle ``folder/model.ckpt.*`` with the ``checkpoint`` state file naming it (the caller
+    makes the folder atomic), written by TensorFlow's own SaveV2."""
+    tf = _import_tf()
+    tf.raw_ops.SaveV2(prefix=str(folder / DEFAULT_PREFIX), tensor_names=list(tensors),
+                      shape_and_slices=[""] * len(tensors), tensors=[tf.constant(v) for v in tensors.values()])
+    (folder / STATE_FILE).write_text(f'model_checkpoint_path: "{DEFAULT_PREFIX}"\n'
+                                     f'all_model_checkpoint_paths: "{DEFAULT_PREFIX}"\n')
+
+
+def written_files() -> tuple[str, ...]:
+    """The files :func:`write_folder` writes into a folder (TensorFlow writes one data shard)."""
+    return STATE_FILE, f"{DEFAULT_PREFIX}.index", data_file(DEFAULT_PREFIX, 0, 1).name
+
+
+def _import_tf():
+    # TensorFlow's start-up chatter; its oneDNN kernels are moot here, where it only reads and writes files.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ValueError("writing OpenAI's TensorFlow checkpoints needs TensorFlow: pip install gptjax[tf]") from None
+    return tf
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,16 @@
-"""Reader: torch.save'd files (``.pth``, ``.pt``, transformers' ``pytorch_model.bin`` and its sharded index),
-zip-format (torch >= 1.6, memory-mapped) or older, with any names in them.
+"""Container: torch.save'd files (``.pth``, ``.pt``, transformers' ``pytorch_model.bin`` and its sharded index),
+zip-format (torch >= 1.6, memory-mapped) or older, with any names in them, read; and one file written.
 
 torch is imported only when a file is read, so the rest of gptjax runs without it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gptjax.weights.files import NamedTensors, import_torch, is_index, joined, one_line, shards, to_numpy
 from gptjax.weights.lazy import LazyTensors, release_pages
@@ -64,3 +67,9 @@ def read_state_dict(path: Path) -> LazyTensors:
         return to_numpy(obj[name])
 
     return LazyTensors({k: tuple(v.shape) for k, v in obj.items()}, read_one)
+
+
+def write(path: Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """``tensors`` as a state_dict torch.save'd to ``path`` (the caller makes it atomic)."""
+    torch = import_torch()
+    torch.save({name: torch.from_numpy(value) for name, value in tensors.items()}, path)

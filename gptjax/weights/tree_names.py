@@ -1,14 +1,15 @@
 """Name table: gptjax's own parameter tree, each leaf named by its path (``trf_blocks.0.att.W_query.kernel``),
-as orbax stores it. The table is the identity: the names are the tree."""
+as orbax stores it, both ways. The table is the identity: the names are the tree."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params, abstract_params
 from gptjax.weights.files import NamedTensors
-from gptjax.weights.mapping import Row, check_config, config_beside, params_from_tensors
+from gptjax.weights.mapping import Row, check_config, config_beside, params_from_tensors, tensors_from_params
 
 MARKER = "tok_emb.embedding"
 
@@ -40,3 +41,8 @@ def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTCo
     else:
         cfg = stored or config_beside(found.weights_file, implied, source=found.source)
     return params_from_tensors(tree_table(cfg), found.tensors, cfg, source=found.source), cfg
+
+
+def to_tensors(params: Params, cfg: GPTConfig) -> dict[str, np.ndarray]:
+    """Every leaf as float32 numpy, named by its path."""
+    return tensors_from_params(tree_table(cfg), params)
