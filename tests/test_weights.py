@@ -130,12 +130,13 @@ def tied(params):
     return {**params, "out_head": {"kernel": params["tok_emb"]["embedding"].T}}
 
 
-@pytest.mark.parametrize("container, suffix", [("torch", ".pth"), ("safetensors", ".safetensors")])
+@pytest.mark.parametrize("container, suffix", [("torch", ".pth"), ("safetensors", ".safetensors"), ("openai", "")])
 @pytest.mark.parametrize("naming", ["book", "hf", "openai", "gptjax"])
 def test_every_container_writes_every_naming_it_reads(container, suffix, naming, params, tmp_path):
-    """Writers mirror the readers: each naming in each single-file container, read back to the same parameters
-    and config (heads of 12, which no shape says: the config file beside it does), with and without qkv
-    biases (the GPT-2 layouts store zeros for none) and, where the naming has a head of its own, untied."""
+    """Writers mirror the readers: each naming in each container (a torch file, a safetensors file, a TensorFlow
+    checkpoint folder), read back to the same parameters and config (heads of 12, which no shape says: the
+    config beside it does), with and without qkv biases (the GPT-2 layouts store zeros for none) and, where
+    the naming has a head of its own, untied."""
     from gptjax.weights import NAMINGS, read_tensors
 
     biasless = CFG.replace(qkv_bias=False, drop_rate=0.0)
@@ -144,15 +145,16 @@ def test_every_container_writes_every_naming_it_reads(container, suffix, naming,
         cases.append((CFG, params))
     for i, (cfg, p) in enumerate(cases):
         path = tmp_path / f"m{i}{suffix}"
-        save_weights(p, cfg, path, naming=naming)  # the container from the suffix
+        save_weights(p, cfg, path, container, names=naming)
         stored = read_tensors(path).tensors
         assert [n.__name__.rsplit(".", 1)[1] for n in NAMINGS if n.claims(stored)][0] == \
             {"gptjax": "tree_names"}.get(naming, naming)
         loaded, loaded_cfg = load_weights(path)
-        assert loaded_cfg == cfg
+        hparams = (container, naming) == ("openai", "openai")  # OpenAI's hparams.json holds no dropout rate
+        assert loaded_cfg == (cfg.replace(drop_rate=loaded_cfg.drop_rate) if hparams else cfg)
         assert_same_params(loaded, p)
-    with pytest.raises(ValueError, match="naming applies to the torch and safetensors formats"):
-        save_weights(params, CFG, tmp_path / "folder", format="hf", naming=naming)
+    with pytest.raises(ValueError, match="names applies to the torch, safetensors, openai formats"):
+        save_weights(params, CFG, tmp_path / "folder", format="hf", names=naming)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def test_gptjax_format_roundtrip(tmp_path, params):
 def test_convert_cli_chain_is_bitwise(tmp_path, params, capsys):
     save_weights(params, CFG, tmp_path / "a.pth")
     steps = [("a.pth", "b", ["--format", "hf"]), ("b", "c", ["--format", "gptjax"]), ("c", "d.pth", []),
-             ("d.pth", "e.safetensors", ["--naming", "hf"])]
+             ("d.pth", "e.safetensors", ["--names", "hf"])]
     for src, dst, flags in steps:
         assert convert_main([str(tmp_path / src), str(tmp_path / dst), *flags]) == 0
     assert "transformer.wte.weight" in load_file(tmp_path / "e.safetensors")  # Hugging Face's names
@@ -255,8 +257,8 @@ def test_convert_cli_chain_is_bitwise(tmp_path, params, capsys):
         assert_same_params(loaded, params)
     assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "x")]) == 2
     assert "error: " in capsys.readouterr().err and not (tmp_path / "x").exists()
-    assert convert_main([str(tmp_path / "a.pth"), str(tmp_path / "x"), "--naming", "hf"]) == 2
-    assert "--naming applies to torch and safetensors files" in capsys.readouterr().err
+    assert convert_main([str(tmp_path / "a.pth"), str(tmp_path / "x"), "--names", "hf"]) == 2
+    assert "--names applies to the torch, safetensors, openai formats" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

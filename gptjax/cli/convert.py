@@ -1,13 +1,13 @@
 """Convert model weights between formats.
 
-    python -m gptjax.convert SRC DST [--format gptjax|torch|safetensors|hf|openai|gguf] [--naming NAMES]
+    python -m gptjax.convert SRC DST [--format gptjax|torch|safetensors|hf|openai|gguf] [--names NAMES]
                              [--gguf-type f32|f16|q8_0] [--overwrite] [--n-heads N]
 
 SRC is anything gptjax.weights.load_weights reads (a gptjax run or checkpoint directory, a torch
 .pth/.pt, a .safetensors file or Hugging Face folder, an OpenAI GPT-2 folder). DST is written in
 --format (default: torch for a .pth/.pt name, safetensors for a .safetensors one, gguf for a .gguf one
-(llama.cpp's GPT-2 layout), else gptjax); a torch or safetensors file holds the book's tensor names unless
---naming says hf, openai or gptjax, with its config in DST's own config file. Nothing is left at DST if it
+(llama.cpp's GPT-2 layout), else gptjax); a torch or safetensors file holds the book's tensor names and an
+openai folder OpenAI's unless --names says otherwise (book, hf, openai or gptjax), with the config beside. Nothing is left at DST if it
 fails. An existing DST needs --overwrite, which replaces only the files the format writes (the weights and
 their config): a tokenizer or anything else in a DST folder stays.
 """
@@ -21,7 +21,7 @@ from gptjax import cli
 from gptjax.atomic import check_overwrite
 from gptjax.weights import FORMATS, save_weights
 from gptjax.weights.gguf import GGUF_SUFFIX, GGUF_TYPES
-from gptjax.weights.writers import NAMINGS, SINGLE_FILE, default_format
+from gptjax.weights.writers import NAMED_FORMATS, NAMES, default_format
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="output format (default: torch for a .pth/.pt DST, safetensors for a .safetensors one, "
                         "gguf for a .gguf one, else gptjax)")
-    parser.add_argument("--naming", choices=tuple(NAMINGS), default=None,
-                        help="tensor names in a torch or safetensors DST: the book's GPTModel, Hugging Face's GPT-2, "
-                        "OpenAI's release or gptjax's tree (default: book)")
+    parser.add_argument("--names", choices=tuple(NAMES), default=None,
+                        help="tensor names in a torch, safetensors or openai DST: the book's GPTModel, Hugging Face's "
+                        "GPT-2, OpenAI's release or gptjax's tree (default: book for a file, openai for the folder)")
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
                         help="tensor type of a GGUF DST: f16 / q8_0 store the matrices so, norms, biases and the "
                         "position embedding stay f32, as llama.cpp's converter keeps them (default: f32)")
@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --gguf-type applies to GGUF output; name DST *{GGUF_SUFFIX} or add --format gguf",
               file=sys.stderr)
         return 2
-    if args.naming is not None and out_format not in SINGLE_FILE:
-        print(f"error: --naming applies to torch and safetensors files; {out_format} has its own names (name DST "
-              "*.pth or *.safetensors, or add --format torch or safetensors)", file=sys.stderr)
+    if args.names is not None and out_format not in NAMED_FORMATS:
+        print(f"error: --names applies to the {', '.join(NAMED_FORMATS)} formats; {out_format} has its own names "
+              "(name DST *.pth or *.safetensors, or add --format)", file=sys.stderr)
         return 2
     options = {"gguf_type": args.gguf_type or "f32"} if out_format == "gguf" else {}
-    if args.naming is not None:
-        options["naming"] = args.naming
+    if args.names is not None:
+        options["names"] = args.names
     try:
         check_overwrite(args.dst, args.overwrite)  # before reading SRC, which can take a while
         params, cfg = cli.load_weights_flag(args.src, args.n_heads, flag_name="SRC")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {cli.error_line(e)}", file=sys.stderr)
         return 2
-    print(f"wrote {args.dst} ({out_format}{', ' + args.naming + ' names' if args.naming else ''}): {cfg}")
+    print(f"wrote {args.dst} ({out_format}{', ' + args.names + ' names' if args.names else ''}): {cfg}")
     return 0
 
 

@@ -21,7 +21,8 @@ file of the book's names goes through the same path. No reader or name table imp
 (reading) and :mod:`~gptjax.weights.writers` (writing) are the only ones that join them.
 
 :func:`save_weights` is the mirror (:mod:`~gptjax.weights.writers`): a name table's ``to_tensors`` and a
-container's ``write``, for each of :data:`FORMATS`; a torch or safetensors file takes any naming.
+container's ``write``, for each of :data:`FORMATS`; a torch, safetensors or TensorFlow container takes any
+naming (``names=``).
 """
 
 from __future__ import annotations

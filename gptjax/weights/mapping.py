@@ -296,6 +296,11 @@ def check_sidecar_free(weights_file: str | os.PathLike, overwrite: bool = False)
         raise ValueError(f"{path} exists and is not a gptjax config; write {Path(weights_file).name} elsewhere")
 
 
+def sidecar_text(cfg: GPTConfig) -> str:
+    """What a weights file's own config file holds."""
+    return json.dumps({"format": "gptjax", "model": cfg.to_dict()}, indent=2) + "\n"
+
+
 def write_sidecar(weights_file: str | os.PathLike, cfg: GPTConfig) -> None:
     with atomic_file(sidecar_path(weights_file)) as tmp:
-        tmp.write_text(json.dumps({"format": "gptjax", "model": cfg.to_dict()}, indent=2) + "\n")
+        tmp.write_text(sidecar_text(cfg))
