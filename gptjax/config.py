@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Self
+
+
+class Settings:
+    """What the frozen dataclasses of settings (GPTConfig, TrainConfig) share: copies with changes, and the
+    plain dict a run directory stores, read back with unknown fields refused."""
+
+    def replace(self, **changes) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Self:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; expected a subset of {sorted(fields)}")
+        return cls(**d)
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Settings):
     """Architecture of a GPT-2 style model, with the field names of the book's ``GPT_CONFIG_124M``."""
 
     vocab_size: int = 50257
@@ -35,19 +55,6 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
-    def replace(self, **changes) -> "GPTConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; expected a subset of {sorted(fields)}")
-        return cls(**d)
 
 
 GPT_CONFIG_124M = GPTConfig()

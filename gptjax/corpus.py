@@ -269,7 +269,8 @@ def _dataset(source: Source, cfg: PrepareConfig):
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         where = "in the local cache (offline)" if offline else "on the Hub"
         raise PrepareError(f"PrepareConfig.hf_dataset {source.path} (PrepareConfig.hf_config {cfg.hf_config}, "
-                           f"PrepareConfig.split {split}) cannot be loaded {where}: {' '.join(str(e).split())[:300]}") from None
+                           f"PrepareConfig.split {split}) cannot be loaded {where}: "
+                           f"{' '.join(str(e).split())[:300]}") from None
 
 
 def read_chunks(sources: list[Source], cfg: PrepareConfig, text_block: int = TEXT_BLOCK) -> Iterator[Chunk]:
@@ -464,7 +465,8 @@ class _ShardFile:
 
 def _settings(sources: list[Source], cfg: PrepareConfig) -> dict:
     """What decides the output's bytes: a resumed run must have the same."""
-    return {"version": MANIFEST_VERSION, "tokenizer": "gpt2", "name": cfg.name, "sources": [s.describe() for s in sources],
+    return {"version": MANIFEST_VERSION, "tokenizer": "gpt2", "name": cfg.name,
+            "sources": [s.describe() for s in sources],
             "text_field": cfg.text_field, "hf_config": cfg.hf_config, "split": cfg.split,
             "shard_tokens": cfg.shard_tokens, "val_tokens": cfg.val_tokens}
 
@@ -567,7 +569,8 @@ class _ShardWriter:
         self.cfg, self.state = cfg, state
         self.out, self.mpath = Path(cfg.out), manifest_path(Path(cfg.out), cfg.name)
         self.skip, self.shard = state["skip"], None
-        self.tokens_before, self.written, self.started = sum(s["tokens"] for s in state["shards"]), 0, time.perf_counter()
+        self.tokens_before = sum(s["tokens"] for s in state["shards"])
+        self.written, self.started = 0, time.perf_counter()
         self.bar = tqdm(desc=cfg.name, unit=" docs", initial=state["documents"], disable=not cfg.progress,
                         dynamic_ncols=True)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,17 @@ from gptjax.config import GPTConfig
 
 Params = dict[str, Any]
 KVCache = list[dict[str, jax.Array]]
+
+
+class LayerCache(NamedTuple):
+    """What one layer's attention reads and extends: its ``kv`` ("k", "v" [batch, heads, slots, head_dim]), the
+    position of the chunk's first token (``pos``, a scalar or one per row) and the cache row of each batch row
+    (``rows``; None: row r of the batch is row r of the cache)."""
+
+    kv: dict[str, jax.Array]
+    pos: int | jax.Array
+    rows: jax.Array | None
+
 
 # torch's default initialisers, so that training from scratch starts where the book's runs start
 # (nn.Embedding: N(0, 1); nn.Linear: weight and bias uniform in +-1/sqrt(fan_in)).
@@ -114,26 +125,20 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = _linear(d_out, d_out, use_bias=True, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        rngs: nnx.Rngs | None = None,
-        cache: dict[str, jax.Array] | None = None,
-        pos: int | jax.Array = 0,
-        cache_rows: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         b, t, _ = x.shape
         qkv = platform.project_qkv(x, (self.W_query, self.W_key, self.W_value))
         q, k, v = (y.reshape(b, t, self.num_heads, self.head_dim) for y in qkv)
+        new_kv = None
         if cache is not None:
-            context, cache = attention.cached_attention(q, k, v, cache, pos, cache_rows)
+            context, new_kv = attention.cached_attention(q, k, v, cache.kv, cache.pos, cache.rows)
         elif rngs is not None and self.dropout.rate > 0:
             dropout = functools.partial(self.dropout, deterministic=False, rngs=rngs)
             context = attention.causal_attention(q, k, v, dropout=dropout)
         else:
             context = attention.self_attention(q, k, v)
-        return self.out_proj(context.reshape(b, t, -1)), cache
+        return self.out_proj(context.reshape(b, t, -1)), new_kv
 
 
 class TransformerBlock(nnx.Module):
@@ -146,24 +151,17 @@ class TransformerBlock(nnx.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nnx.Dropout(cfg.drop_rate)
 
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        rngs: nnx.Rngs | None = None,
-        cache: dict[str, jax.Array] | None = None,
-        pos: int | jax.Array = 0,
-        cache_rows: jax.Array | None = None,
-    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         drop = functools.partial(self.drop_shortcut, deterministic=rngs is None, rngs=rngs)
         x = platform.block_input(mesh_axes.split_over_batch(x))
         shortcut = x
-        x, cache = self.att(self.norm1(x), rngs=rngs, cache=cache, pos=pos, cache_rows=cache_rows)
+        x, new_kv = self.att(self.norm1(x), rngs=rngs, cache=cache)
         # The residual stream stays float32: with bf16 compute, the branch output is promoted here.
         x = drop(x) + shortcut
         shortcut = x
         x = drop(self.ff(self.norm2(x))) + shortcut
-        return x, cache
+        return x, new_kv
 
 
 @nnx.remat
@@ -216,8 +214,8 @@ class GPTModel(nnx.Module):
             if self.remat and cache is None:
                 x, layer_cache = _block_rematerialized(block, x, rngs), None
             else:
-                x, layer_cache = block(x, rngs=rngs, cache=None if cache is None else cache[i], pos=pos,
-                                       cache_rows=cache_rows)
+                x, layer_cache = block(x, rngs=rngs,
+                                       cache=None if cache is None else LayerCache(cache[i], pos, cache_rows))
             new_cache.append(layer_cache)
         if logits_at is not None:  # a prefill needs one position's logits, not the head over every position
             x = jax.lax.dynamic_slice_in_dim(x, logits_at, 1, axis=1)

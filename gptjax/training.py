@@ -8,7 +8,6 @@ around it in :func:`train_model_simple`, which follows the book's function of th
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import itertools
 import math
@@ -24,7 +23,7 @@ import optax
 from tqdm.auto import tqdm
 
 from gptjax import platform
-from gptjax.config import GPTConfig
+from gptjax.config import GPTConfig, Settings
 from gptjax.flops import Throughput, device_peak_flops, flops_per_token
 from gptjax.model import Params, apply
 
@@ -87,7 +86,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Training settings; the defaults are the book's chapter 5 experiment."""
 
     batch_size: int = 2
@@ -137,19 +136,6 @@ class TrainConfig:
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
-    def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}; expected a subset of {sorted(fields)}")
-        return cls(**d)
 
 
 def lr_schedule(tcfg: TrainConfig, total_steps: int) -> optax.Schedule:

@@ -130,8 +130,21 @@ def error_line(e: BaseException) -> str:
     return in_flag_terms(e, LIBRARY_FLAGS)
 
 
+def fail(e: BaseException | str, code: int = 2) -> int:
+    """Print ``e`` as the tool's one-line error (:func:`error_line`) and return the exit code: 2 for bad input."""
+    print(f"error: {e if isinstance(e, str) else error_line(e)}", file=sys.stderr)
+    return code
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading weights named on the command line
+
+
+def add_weights_flag(p: argparse.ArgumentParser, what: str = "load") -> None:
+    """``--weights`` (required) and :func:`add_n_heads_flag`, as the tools that take weights spell them."""
+    p.add_argument("--weights", required=True, metavar="PATH", help=f"weights to {what}: run/checkpoint dir, .pth, "
+                   ".safetensors, HF or OpenAI folder, or a Hugging Face model id (required)")
+    add_n_heads_flag(p)
 
 
 def add_n_heads_flag(p: argparse.ArgumentParser) -> None:

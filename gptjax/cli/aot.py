@@ -47,11 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args)
     except TargetError as e:
-        print(f"error: --target {e.name}: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(f"--target {e.name}: {e}")
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(format_report(report))
     if "json" in args:
         write_text(Path(args["json"]), json.dumps(report, indent=2) + "\n")

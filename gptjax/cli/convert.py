@@ -50,13 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out_format = args.format or default_format(args.dst)
     if args.gguf_type is not None and out_format != "gguf":
-        print(f"error: --gguf-type applies to GGUF output; name DST *{GGUF_SUFFIX} or add --format gguf",
-              file=sys.stderr)
-        return 2
+        return cli.fail(f"--gguf-type applies to GGUF output; name DST *{GGUF_SUFFIX} or add --format gguf")
     if args.names is not None and out_format not in NAMED_FORMATS:
-        print(f"error: --names applies to the {', '.join(NAMED_FORMATS)} formats; {out_format} has its own names "
-              "(name DST *.pth or *.safetensors, or add --format)", file=sys.stderr)
-        return 2
+        return cli.fail(f"--names applies to the {', '.join(NAMED_FORMATS)} formats; {out_format} has its own "
+                        "names (name DST *.pth or *.safetensors, or add --format)")
     options = {"gguf_type": args.gguf_type or "f32"} if out_format == "gguf" else {}
     if args.names is not None:
         options["names"] = args.names
@@ -65,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         params, cfg = cli.load_weights_flag(args.src, args.n_heads, flag_name="SRC")
         save_weights(params, cfg, args.dst, format=args.format, overwrite=args.overwrite, **options)
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(f"wrote {args.dst} ({out_format}{', ' + args.names + ' names' if args.names else ''}): {cfg}")
     return 0
 

@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--retries must be at least 1, got {args.retries}")
         folder = download_gpt2(args.model_size, args.models_dir, base_urls=args.base_urls, retries=args.retries)
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(folder)
     return 0
 

@@ -29,9 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gptjax.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder, or a "
-                        "Hugging Face model id (required)")
+    cli.add_weights_flag(parser)
     parser.add_argument("--corpus", default=None, metavar="TXT",
                         help="UTF-8 text file (default: the bundled the-verdict.txt)")
     parser.add_argument("--context-length", type=int, default=None, metavar="N",
@@ -42,7 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hellaswag", default=None, metavar="JSONL",
                         help="score HellaSwag examples (the dataset's hellaswag_val.jsonl) instead of the corpus "
                         "losses (default: none)")
-    cli.add_n_heads_flag(parser)
     cli.add_compile_cache_flags(parser)
     return parser
 
@@ -68,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = {name: calc_loss_loader(params, cfg, loader) for name, loader in zip(("train", "val"), loaders)}
         step = _checkpoint_step(args.weights)
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     print(f"weights {args.weights}{step}: {cfg}, context {context}")
     for name, loss in losses.items():
         print(f"{name:5s} loss {loss:.3f}  perplexity {perplexity(loss):.6g}")

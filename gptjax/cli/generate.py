@@ -27,9 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gptjax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--weights", required=True, metavar="PATH",
-                        help="weights to load: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder, or a "
-                        "Hugging Face model id (required)")
+    cli.add_weights_flag(parser)
     parser.add_argument("--prompt", required=True, help="the text to continue (required)")
     parser.add_argument("--max-new-tokens", type=int, default=25, metavar="N", help="tokens to add (default: 25)")
     parser.add_argument("--temperature", type=float, default=1.0, metavar="X",
@@ -44,7 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
                         help="store the matmul weights as bfloat16, or int8 with per-channel scales, for decoding; "
                         "activations and logits stay float32 (default: float32)")
-    cli.add_n_heads_flag(parser)
     cli.add_compile_cache_flags(parser)
     return parser
 
@@ -93,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             weights_dtype=args.weights_dtype,
         )
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     ids = token_ids[0]
     if args.eos and len(ids) > prompt_ids.shape[1] and ids[-1] == ENDOFTEXT_ID:
         ids = ids[:-1]  # generation stopped at <|endoftext|>: print the text before it

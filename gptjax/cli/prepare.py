@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = prepare(PrepareConfig(**{f.name: args[f.name] for f in dataclasses.fields(PrepareConfig)}))
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     except KeyboardInterrupt:
         print(f"interrupted: the finished shards in {args['out']} are kept; continue with the same command and "
               "--resume", file=sys.stderr)

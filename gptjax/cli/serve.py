@@ -29,8 +29,7 @@ from gptjax.quantize import WEIGHTS_DTYPES
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gptjax.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, metavar="PATH",
-                   help="weights to serve: run/checkpoint dir, .pth, safetensors, HF or OpenAI folder (required)")
+    cli.add_weights_flag(p, "serve")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N", help="decode slots: requests generated at "
@@ -45,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="matmul compute dtype (default: float32)")
     p.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $GPTJAX_API_KEY, else none)")
-    cli.add_n_heads_flag(p)
     cli.add_compile_cache_flags(p)
     return p
 
@@ -63,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--grace-seconds must be at least 0, got {args.grace_seconds}")
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     name = args.weights if cli.is_hub_id_flag(args.weights) else Path(args.weights).resolve().name
     app = create_app(params, cfg, model_name=name, max_batch=args.max_batch, weights_dtype=args.weights_dtype,
                      dtype=args.dtype, max_queue=args.max_queue, api_key=args.api_key)

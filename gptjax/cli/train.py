@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         cli.setup_compile_cache(args)
         run(args)
     except NonFiniteLossError as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 1
+        return cli.fail(e, 1)
     except (ValueError, OSError) as e:
-        print(f"error: {cli.error_line(e)}", file=sys.stderr)
-        return 2
+        return cli.fail(e)
     except Stopped as e:
         until = f" --max-steps {e.max_steps}" if e.max_steps else ""  # a resumed run otherwise runs to its end
         print(f"{e}; continue with: python -m gptjax.train --resume {shlex.quote(str(e.run_dir))}{until}",

@@ -22,6 +22,7 @@ from gptjax.weights.files import NamedTensors, one_line
 from gptjax.weights.mapping import (
     Row,
     check_config,
+    gpt2_table,
     head_is_tied,
     heads_for,
     params_from_tensors,
@@ -42,34 +43,9 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 def hf_table(cfg: GPTConfig, *, lm_head: bool) -> list[Row]:
     """transformers GPT2 key (without ``transformer.``) -> gptjax tree path. ``lm_head``: whether the
     output head has its own ``lm_head.weight`` rather than sharing ``wte.weight``."""
-    table = [
-        Row("wte.weight", ("tok_emb", "embedding")),
-        Row("wpe.weight", ("pos_emb", "embedding")),
-    ]
-    for i in range(cfg.n_layers):
-        p, b = f"h.{i}.", ("trf_blocks", i)
-        for j, proj in enumerate(("W_query", "W_key", "W_value")):
-            table.append(Row(f"{p}attn.c_attn.weight", (*b, "att", proj, "kernel"), part=(j, 3)))
-            if cfg.qkv_bias:
-                table.append(Row(f"{p}attn.c_attn.bias", (*b, "att", proj, "bias"), part=(j, 3)))
-        table += [
-            Row(f"{p}attn.c_proj.weight", (*b, "att", "out_proj", "kernel")),
-            Row(f"{p}attn.c_proj.bias", (*b, "att", "out_proj", "bias")),
-            Row(f"{p}mlp.c_fc.weight", (*b, "ff", "layers", 0, "kernel")),
-            Row(f"{p}mlp.c_fc.bias", (*b, "ff", "layers", 0, "bias")),
-            Row(f"{p}mlp.c_proj.weight", (*b, "ff", "layers", 2, "kernel")),
-            Row(f"{p}mlp.c_proj.bias", (*b, "ff", "layers", 2, "bias")),
-            Row(f"{p}ln_1.weight", (*b, "norm1", "scale")),
-            Row(f"{p}ln_1.bias", (*b, "norm1", "shift")),
-            Row(f"{p}ln_2.weight", (*b, "norm2", "scale")),
-            Row(f"{p}ln_2.bias", (*b, "norm2", "shift")),
-        ]
-    table += [
-        Row("ln_f.weight", ("final_norm", "scale")),
-        Row("ln_f.bias", ("final_norm", "shift")),
-        Row(LM_HEAD if lm_head else "wte.weight", ("out_head", "kernel"), transpose=True),
-    ]
-    return table
+    table = gpt2_table(cfg, embeddings=("wte.weight", "wpe.weight"), block=lambda i: f"h.{i}.", final="ln_f.",
+                       sep=".", weight="weight", bias="bias", gain="weight")
+    return table + [Row(LM_HEAD if lm_head else "wte.weight", ("out_head", "kernel"), transpose=True)]
 
 
 def claims(names) -> bool:

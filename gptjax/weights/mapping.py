@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,29 @@ class Row:
     path: TreePath
     transpose: bool = False
     part: tuple[int, int] | None = None
+
+
+def gpt2_table(cfg: GPTConfig, *, embeddings: tuple[str, str], block: Callable[[int], str], final: str, sep: str,
+               weight: str, bias: str, gain: str) -> list[Row]:
+    """GPT-2's own module names -> gptjax tree paths, without the output head. OpenAI's release and Hugging
+    Face's transformers spell the same modules (``c_attn`` fusing query, key and value; ``c_proj``,
+    ``mlp.c_fc``, ``ln_1``, ...) with their own separators and leaf names: ``block(i)`` is block i's prefix,
+    ``final`` the last LayerNorm's. Both store [in, out] kernels, as Flax does."""
+    table = [Row(embeddings[0], ("tok_emb", "embedding")), Row(embeddings[1], ("pos_emb", "embedding"))]
+    for i in range(cfg.n_layers):
+        p, b = block(i), ("trf_blocks", i)
+        for j, proj in enumerate(("W_query", "W_key", "W_value")):
+            table.append(Row(f"{p}attn{sep}c_attn{sep}{weight}", (*b, "att", proj, "kernel"), part=(j, 3)))
+            if cfg.qkv_bias:
+                table.append(Row(f"{p}attn{sep}c_attn{sep}{bias}", (*b, "att", proj, "bias"), part=(j, 3)))
+        for module, path in ((f"attn{sep}c_proj", ("att", "out_proj")), (f"mlp{sep}c_fc", ("ff", "layers", 0)),
+                             (f"mlp{sep}c_proj", ("ff", "layers", 2))):
+            table += [Row(f"{p}{module}{sep}{weight}", (*b, *path, "kernel")),
+                      Row(f"{p}{module}{sep}{bias}", (*b, *path, "bias"))]
+        for module, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            table += [Row(f"{p}{module}{sep}{gain}", (*b, norm, "scale")),
+                      Row(f"{p}{module}{sep}{bias}", (*b, norm, "shift"))]
+    return table + [Row(f"{final}{gain}", ("final_norm", "scale")), Row(f"{final}{bias}", ("final_norm", "shift"))]
 
 
 @functools.lru_cache(maxsize=8)

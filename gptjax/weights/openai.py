@@ -25,6 +25,7 @@ from gptjax.weights.lazy import LazyTensors
 from gptjax.weights.mapping import (
     Row,
     check_config,
+    gpt2_table,
     head_is_tied,
     one_line,
     params_from_tensors,
@@ -41,35 +42,9 @@ _QKV_BIAS = "/attn/c_attn/b"
 def openai_table(cfg: GPTConfig, *, head: bool = True) -> list[Row]:
     """OpenAI variable name -> gptjax tree path. The names are the keys of the squeezed tensors; the
     output head reads ``model/wte`` again (``head=False`` leaves that row out, for writing)."""
-    table = [
-        Row(f"{SCOPE}wte", ("tok_emb", "embedding")),
-        Row(f"{SCOPE}wpe", ("pos_emb", "embedding")),
-    ]
-    for i in range(cfg.n_layers):
-        p, b = f"{SCOPE}h{i}/", ("trf_blocks", i)
-        for j, proj in enumerate(("W_query", "W_key", "W_value")):
-            table.append(Row(f"{p}attn/c_attn/w", (*b, "att", proj, "kernel"), part=(j, 3)))
-            if cfg.qkv_bias:
-                table.append(Row(f"{p}attn/c_attn/b", (*b, "att", proj, "bias"), part=(j, 3)))
-        table += [
-            Row(f"{p}attn/c_proj/w", (*b, "att", "out_proj", "kernel")),
-            Row(f"{p}attn/c_proj/b", (*b, "att", "out_proj", "bias")),
-            Row(f"{p}mlp/c_fc/w", (*b, "ff", "layers", 0, "kernel")),
-            Row(f"{p}mlp/c_fc/b", (*b, "ff", "layers", 0, "bias")),
-            Row(f"{p}mlp/c_proj/w", (*b, "ff", "layers", 2, "kernel")),
-            Row(f"{p}mlp/c_proj/b", (*b, "ff", "layers", 2, "bias")),
-            Row(f"{p}ln_1/g", (*b, "norm1", "scale")),
-            Row(f"{p}ln_1/b", (*b, "norm1", "shift")),
-            Row(f"{p}ln_2/g", (*b, "norm2", "scale")),
-            Row(f"{p}ln_2/b", (*b, "norm2", "shift")),
-        ]
-    table += [
-        Row(f"{SCOPE}ln_f/g", ("final_norm", "scale")),
-        Row(f"{SCOPE}ln_f/b", ("final_norm", "shift")),
-    ]
-    if head:
-        table.append(Row(f"{SCOPE}wte", ("out_head", "kernel"), transpose=True))
-    return table
+    table = gpt2_table(cfg, embeddings=(f"{SCOPE}wte", f"{SCOPE}wpe"), block=lambda i: f"{SCOPE}h{i}/",
+                       final=f"{SCOPE}ln_f/", sep="/", weight="w", bias="b", gain="g")
+    return table + ([Row(f"{SCOPE}wte", ("out_head", "kernel"), transpose=True)] if head else [])
 
 
 def settings_to_config(settings: Mapping[str, Any], *, qkv_bias: bool = True, source: str = HPARAMS) -> GPTConfig:
