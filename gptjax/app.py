@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import uvicorn
+from tiktoken import Encoding
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -63,6 +64,14 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
     async def api_error(request, e: APIError):
         return e.response()
 
+    _add_model_routes(app, tokenizer, cfg, metrics, model_name)
+    _add_completion_routes(app, jobs, tokenizer, cfg, model_name)
+    return app
+
+
+def _add_model_routes(app: FastAPI, tokenizer: Encoding, cfg: GPTConfig, metrics: Metrics, model_name: str) -> None:
+    """Health, metrics, the model list, the tokenizer and the page."""
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -78,12 +87,14 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
     # The tokenizer in vLLM's shapes: lm-evaluation-harness's tokenizer_backend=remote needs nothing else.
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
-        tokens = tokenizer.encode(parse_text(await body_of(request)), allowed_special={"<|endoftext|>"})
+        body = parse_body(await request.body(), model_name)
+        tokens = tokenizer.encode(parse_text(body), allowed_special={"<|endoftext|>"})
         return {"tokens": tokens, "count": len(tokens), "max_model_len": cfg.context_length}
 
     @app.post("/detokenize")
     async def detokenize(request: HTTPRequest):
-        return {"prompt": tokenizer.decode(parse_token_ids(await body_of(request), cfg.vocab_size))}
+        body = parse_body(await request.body(), model_name)
+        return {"prompt": tokenizer.decode(parse_token_ids(body, cfg.vocab_size))}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
@@ -93,8 +104,9 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
     async def page():
         return (STATIC / "index.html").read_text()
 
-    async def body_of(request: HTTPRequest) -> dict:
-        return parse_body(await request.body(), model_name)
+
+def _add_completion_routes(app: FastAPI, jobs: Completions, tokenizer: Encoding, cfg: GPTConfig, model_name: str) -> None:
+    """The OpenAI completion endpoints: parsed requests handed to the engine through ``jobs``."""
 
     async def respond(prompts: list[list[int]], s: Sampling, chat: bool, body: dict):
         job = jobs.submit(prompts, s, chat=chat)
@@ -105,17 +117,15 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
-        body = await body_of(request)
+        body = parse_body(await request.body(), model_name)
         s = parse_sampling(body, cfg, chat=False)
         return await respond(parse_prompts(body, tokenizer, cfg.vocab_size), s, chat=False, body=body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
-        body = await body_of(request)
+        body = parse_body(await request.body(), model_name)
         s = parse_sampling(body, cfg, chat=True)
         return await respond([tokenizer.encode(render_chat(body.get("messages")))], s, chat=True, body=body)
-
-    return app
 
 
 class Server(uvicorn.Server):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import warnings
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -446,6 +446,34 @@ class _Programs:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _prompt_ids(token_ids: Any, cfg: GPTConfig) -> np.ndarray:
+    """``token_ids`` as a non-empty [batch, prompt] integer array of the model's vocabulary."""
+    ids = np.asarray(token_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token_ids must be integer ids of shape [batch, prompt], got {ids.dtype} {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"generate needs a non-empty prompt, got token_ids of shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got values in [{ids.min()}, {ids.max()}]")
+    return ids
+
+
+def _check_generate_settings(cfg: GPTConfig, max_new_tokens: Any, temperature: Any, top_k: Any, top_p: Any,
+                             eos_id: Any, rng: Any, weights_dtype: str) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _check_temperature(temperature)
+    _check_top_k(top_k, cfg.vocab_size)
+    _check_top_p(top_p)
+    check_weights_dtype(weights_dtype)
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
+    if float(temperature) != 0.0 and rng is None:
+        raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(seed) (or an int seed)")
+
+
 def generate(
     params: Params,
     cfg: GPTConfig,
@@ -473,26 +501,9 @@ def generate(
     for decoding (:mod:`gptjax.quantize`; activations, accumulation, softmax and logits stay
     float32). ``params`` may also be a tree that :func:`gptjax.quantize.quantize_params` returned.
     """
-    ids = np.asarray(token_ids)
-    if ids.ndim == 1:
-        ids = ids[None, :]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"token_ids must be integer ids of shape [batch, prompt], got {ids.dtype} {ids.shape}")
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"generate needs a non-empty prompt, got token_ids of shape {ids.shape}")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got values in [{ids.min()}, {ids.max()}]")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    _check_temperature(temperature)
-    _check_top_k(top_k, cfg.vocab_size)
-    _check_top_p(top_p)
-    check_weights_dtype(weights_dtype)
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
+    ids = _prompt_ids(token_ids, cfg)
+    _check_generate_settings(cfg, max_new_tokens, temperature, top_k, top_p, eos_id, rng, weights_dtype)
     greedy = float(temperature) == 0.0
-    if not greedy and rng is None:
-        raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(seed) (or an int seed)")
     if max_new_tokens == 0:
         return ids.astype(np.int32)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else (rng if rng is not None else jax.random.key(0))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gptjax import GPTConfig, cli, init_params, save_weights
+from gptjax import GPTConfig, compile_cache, init_params, save_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_VARS = ("GPTJAX_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE", "XDG_CACHE_HOME",
@@ -141,8 +141,8 @@ def test_unusable_default_folder_is_a_note_and_no_cache(weights, xdg, tmp_path):
 
 
 def test_empty_flag_is_an_error():
-    with pytest.raises(ValueError, match="--no-compile-cache"):
-        cli.compile_cache_choice("", environ={})
+    with pytest.raises(ValueError, match="compile_cache needs a folder; to turn the cache off, pass compile_cache=False"):
+        compile_cache.compile_cache_choice("", environ={})
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS_WITH_THE_FLAGS))
@@ -166,21 +166,21 @@ def test_tools_that_compile_nothing_have_no_cache_flags(tool):
 
 def test_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    choice = cli.compile_cache_choice
+    choice = compile_cache.compile_cache_choice
     default = str(tmp_path / "xdg" / "gptjax" / "xla")
-    assert choice(None, {}) == cli.CompileCacheChoice(default, None, False)
-    assert choice(None, {}, jax_configured=True).source == cli.LEAVE_TO_JAX
+    assert choice(None, {}) == compile_cache.CompileCacheChoice(default, None, False)
+    assert choice(None, {}, jax_configured=True).source == compile_cache.LEAVE_TO_JAX
     env = {"GPTJAX_COMPILE_CACHE": str(tmp_path / "env")}
     assert choice(None, env, jax_configured=True).dir == str(tmp_path / "env")  # gptjax's variable beats jax's
     assert choice("flag", env).dir == str(Path("flag").absolute())  # the flag beats both
-    assert choice(False, env) == cli.CompileCacheChoice(None, "--no-compile-cache", True)
+    assert choice(False, env) == compile_cache.CompileCacheChoice(None, "compile_cache=False", True)
     for off in ("0", "off", "false", "", " Off ", "FALSE"):
         assert choice(None, {"GPTJAX_COMPILE_CACHE": off}).dir is None
     assert choice(None, {"GPTJAX_COMPILE_CACHE": "~/x"}).dir == str(Path.home() / "x")
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # the XDG spec ignores a relative value
-    assert cli.default_compile_cache_dir() == Path.home() / ".cache" / "gptjax" / "xla"
+    assert compile_cache.default_compile_cache_dir() == Path.home() / ".cache" / "gptjax" / "xla"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert cli.default_compile_cache_dir() == Path.home() / ".cache" / "gptjax" / "xla"
+    assert compile_cache.default_compile_cache_dir() == Path.home() / ".cache" / "gptjax" / "xla"
 
 
 def test_resume_may_name_a_compile_cache(tmp_path):

@@ -8,15 +8,14 @@ only the flags the user typed into the result, so code can tell "given" from "de
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from gptjax import compile_cache
 from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
 from gptjax.model import Params
 from gptjax.training import COMPUTE_DTYPES, TrainConfig
@@ -118,7 +117,8 @@ LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "
                  "wandb_project": "--wandb", "lr": "--lr", "grad_clip": "--grad-clip", "warmup_steps": "--warmup-steps",
                  "out_dir": "--out", "resume_run": "--resume", "batch_size": "--batch-size",
                  "grad_accum": "--grad-accum", "context_length": "--context-length", "train_ratio": "--train-ratio",
-                 "hellaswag_every": "--hellaswag-every", "remat": "--remat", "drop_rate": "--drop-rate",
+                 "hellaswag_every": "--hellaswag-every", "compile_cache=False": "--no-compile-cache",
+                 "compile_cache": "--compile-cache", "remat": "--remat", "drop_rate": "--drop-rate",
                  "dump_hlo": "--dump-hlo",
                  **{f"PrepareConfig.{name}": flag(name) for name in ("out", "name", "text_field", "hf_dataset",
                                                                     "hf_config", "split", "workers", "shard_tokens",
@@ -128,6 +128,18 @@ LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "
 def error_line(e: BaseException) -> str:
     """How every tool prints an error: one line, the library's parameters named as the user's flags."""
     return in_flag_terms(e, LIBRARY_FLAGS)
+
+
+def notices(caught: list[warnings.WarningMessage], category: type[Warning], *, show: bool) -> list:
+    """The library's notices of ``category`` among the recorded warnings ``caught``, printed as one-line notes
+    in the flags' terms when ``show``; every other warning is passed on as it was."""
+    mine = [w for w in caught if issubclass(w.category, category)]
+    for w in caught:
+        if w not in mine:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif show:
+            print(f"note: {error_line(w.message)}", file=sys.stderr)
+    return mine
 
 
 def fail(e: BaseException | str, code: int = 2) -> int:
@@ -189,13 +201,8 @@ def load_weights_flag(weights: str, n_heads: int | None, *, flag_name: str = "--
             if n_heads is None:
                 raise
             unknown = {k: v for k, v in e.found.items() if k in ARCH_FIELDS and k != "n_heads"}
-    assumed = [w for w in caught if issubclass(w.category, AssumedHeadsWarning)]
-    for w in caught:
-        if w not in assumed:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    assumed = notices(caught, AssumedHeadsWarning, show=n_heads is None)
     if n_heads is None:
-        for w in assumed:
-            print(f"note: {error_line(w.message)}", file=sys.stderr)
         return params, cfg
     emb_dim = cfg.emb_dim if unknown is None else unknown["emb_dim"]
     if emb_dim % n_heads:
@@ -213,21 +220,10 @@ def load_weights_flag(weights: str, n_heads: int | None, *, flag_name: str = "--
 # jax's persistent compilation cache, on by default for the tools that compile
 
 
-COMPILE_CACHE_ENV = "GPTJAX_COMPILE_CACHE"
-COMPILE_CACHE_OFF = ("0", "off", "false", "")  # GPTJAX_COMPILE_CACHE values that turn the cache off
 # The setting the compile-cache flags fill in (a folder, or False for --no-compile-cache): the same name in
-# the Python API (setup_compile_cache(compile_cache=...)). It changes no result, so a resumed run may give it.
+# the Python API (gptjax.compile_cache.setup_compile_cache(compile_cache=...)). It changes no result, so a
+# resumed run may give it.
 COMPILE_CACHE_FLAGS = ("compile_cache",)
-
-
-def user_cache_dir() -> Path:
-    """The user's cache folder: ``$XDG_CACHE_HOME``, else ``~/.cache`` (the XDG base directory spec's)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the spec ignores a relative value
-
-
-def default_compile_cache_dir() -> Path:
-    return user_cache_dir() / "gptjax" / "xla"
 
 
 def add_compile_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -242,124 +238,14 @@ def add_compile_cache_flags(p: argparse.ArgumentParser) -> None:
                    "JAX_COMPILATION_CACHE_DIR say (default: the cache is on)")
 
 
-@dataclass(frozen=True)
-class CompileCacheChoice:
-    """Which compile cache the settings ask for: ``dir`` (None: none) and ``source``, the flag or variable that
-    chose it (None: the default folder; LEAVE_TO_JAX: jax's own configuration, kept); ``explicit`` when the user
-    named it (a folder that cannot be used is then an error, not a note)."""
-
-    dir: str | None
-    source: str | None
-    explicit: bool
-
-
-LEAVE_TO_JAX = "jax"  # CompileCacheChoice.source when jax's own settings are kept
-
-
-def compile_cache_choice(compile_cache: str | os.PathLike | Literal[False] | None = None,
-                         environ: dict[str, str] | None = None,
-                         jax_configured: bool = False) -> CompileCacheChoice:
-    """Which compile cache the settings ask for, most specific first: ``compile_cache`` (``--compile-cache DIR``,
-    or False for ``--no-compile-cache``), then ``$GPTJAX_COMPILE_CACHE`` (a folder, or 0/off/false/empty for
-    none), then jax's own configuration when ``jax_configured`` (left alone), then the user cache folder."""
-    env = os.environ if environ is None else environ
-    if compile_cache is False:
-        return CompileCacheChoice(None, "--no-compile-cache", True)
-    if compile_cache is not None:
-        if not os.fspath(compile_cache).strip():
-            raise ValueError("--compile-cache needs a folder; to turn the cache off, pass --no-compile-cache")
-        return CompileCacheChoice(_cache_path(compile_cache), "--compile-cache", True)
-    if COMPILE_CACHE_ENV in env:
-        value = env[COMPILE_CACHE_ENV]
-        if value.strip().lower() in COMPILE_CACHE_OFF:
-            return CompileCacheChoice(None, COMPILE_CACHE_ENV, True)
-        return CompileCacheChoice(_cache_path(value), COMPILE_CACHE_ENV, True)
-    if jax_configured:
-        return CompileCacheChoice(None, LEAVE_TO_JAX, False)
-    return CompileCacheChoice(str(default_compile_cache_dir()), None, False)
-
-
-def _cache_path(value: str | os.PathLike) -> str:
-    text = os.fspath(value)
-    if "://" in text:  # a remote folder (gs://...), which jax reads through etils; checked by jax, not here
-        return text
-    return str(Path(text).expanduser().absolute())
-
-
-def _jax_cache_configured() -> bool:
-    """Whether the user set jax's compile cache up themselves: a folder through jax's own JAX_COMPILATION_CACHE_DIR
-    or its config (``jax.config.update("jax_compilation_cache_dir", ...)`` in a notebook or test session calling
-    ``main``), or the cache turned off (JAX_ENABLE_COMPILATION_CACHE=false). In a process that called
-    setup_compile_cache before, its setting counts as configured too: it stays, as jax's config does."""
-    import jax
-
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return True
-    return jax.config.jax_compilation_cache_dir is not None or not jax.config.jax_enable_compilation_cache
-
-
-def _unusable(folder: str) -> str | None:
-    """Why ``folder`` cannot hold the cache (created if missing), or None when it can."""
-    if "://" in folder:
-        return None
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        return "it is a file, not a folder"
-    except OSError as e:
-        return e.strerror or str(e)
-    if not os.access(path, os.W_OK | os.X_OK):
-        return "the folder is not writable"
-    return None
-
-
-def setup_compile_cache(args: argparse.Namespace | dict[str, Any] | None = None, *,
-                        compile_cache: str | os.PathLike | Literal[False] | None = None) -> str | None:
-    """Point jax's persistent compilation cache where the compile-cache flags say, before anything compiles;
-    returns the folder in use (None: no cache, or jax's own configuration, which is left as it is).
-
-    ``args``: a CLI's parsed flags (Namespace, or dict; ``compile_cache`` holds ``--compile-cache DIR``, False for
-    ``--no-compile-cache``); or ``compile_cache=`` directly. Precedence: the flag, ``$GPTJAX_COMPILE_CACHE``,
-    jax's own ``JAX_COMPILATION_CACHE_DIR`` / ``jax.config`` (kept), ``$XDG_CACHE_HOME/gptjax/xla``. Every program
-    is cached however fast it compiled or small it is (decode steps are both). A folder that was asked for and
-    cannot be written is a ValueError naming the flag or variable; the default folder unusable is one note on
-    stderr and no cache. Nothing in the folder is ever deleted (jax's cache has no size limit by default:
-    remove the folder to reclaim its space)."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as jax_cache
-
-    if args is not None:
-        compile_cache = (args if isinstance(args, dict) else vars(args)).get("compile_cache")
-    choice = compile_cache_choice(compile_cache, jax_configured=_jax_cache_configured())
-    if choice.source == LEAVE_TO_JAX:
-        return jax.config.jax_compilation_cache_dir
-    folder = choice.dir
-    if folder is not None:
-        why = _unusable(folder)
-        if why is not None:
-            if choice.explicit:
-                where = f"--compile-cache {folder}" if choice.source == "--compile-cache" else \
-                    f"{COMPILE_CACHE_ENV}={folder}"
-                fix = ("give a folder you can write, or --no-compile-cache" if choice.source == "--compile-cache"
-                       else f"set {COMPILE_CACHE_ENV} to a folder you can write, or to off")
-                raise ValueError(f"{where}: cannot keep the compilation cache there ({why}); {fix}")
-            print(f"note: the default compilation cache folder {folder} cannot be used ({why}): compiling without "
-                  f"it; set {COMPILE_CACHE_ENV} to a folder you can write (or to off), or pass --compile-cache DIR",
-                  file=sys.stderr)
-            folder = None
-    if folder is None:
-        jax.config.update("jax_enable_compilation_cache", False)
-    else:
-        jax.config.update("jax_enable_compilation_cache", True)
-        jax.config.update("jax_compilation_cache_dir", folder)
-        # Cache every program: jax's defaults skip those that compile in under a second, which are most of a
-        # decode's; -1 also stops jax from raising the size floor for the file system. A user's own setting stays.
-        if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
-            jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    jax_cache.reset_cache()  # a cache jax already opened in this process (main() called twice) is reopened
+def setup_compile_cache(args: argparse.Namespace | Mapping[str, Any]) -> str | None:
+    """The compile-cache flags applied (:func:`gptjax.compile_cache.setup_compile_cache`), its notice printed
+    in the flags' terms; returns the folder in use."""
+    value = (args if isinstance(args, Mapping) else vars(args)).get("compile_cache")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", compile_cache.CompileCacheNote)
+        folder = compile_cache.setup_compile_cache(value)
+    notices(caught, compile_cache.CompileCacheNote, show=True)
     return folder
 
 
