@@ -287,7 +287,7 @@ class _State(NamedTuple):
     length: jax.Array  # int32: tokens written; tokens[:, length - 1] is the last, not yet fed to the model
 
 
-def _emit(state: _State, logits: jax.Array, sampler: _Sampler, *, greedy: bool) -> _State:
+def _write_next(state: _State, logits: jax.Array, sampler: _Sampler, *, greedy: bool) -> _State:
     """Choose the token at position `length` from the logits that predict it and write it; rows already
     stopped repeat eos."""
     tokens, cache, done, length = state
@@ -317,7 +317,7 @@ def _prefill(params: Params, cfg: GPTConfig, padded_prompt: jax.Array, prompt_le
     cache = [{name: _pad_to(slab, 2, slots) for name, slab in layer.items()} for layer in cache]
     tokens = jnp.zeros((batch, slots + 1), jnp.int32).at[:, :width].set(padded_prompt)
     state = _State(tokens, cache, jnp.zeros((batch,), bool), prompt_len)
-    return _emit(state, logits[:, 0], sampler, greedy=greedy)
+    return _write_next(state, logits[:, 0], sampler, greedy=greedy)
 
 
 def _weights_for_step(params: Params, step: jax.Array) -> Params:
@@ -353,7 +353,7 @@ def _decode_bucket(params: Params, cfg: GPTConfig, state: _State, end: jax.Array
         last = jax.lax.dynamic_slice(state.tokens, (0, state.length - 1), (state.tokens.shape[0], 1))
         logits, cache = apply_with_cache(_weights_for_step(params, state.length), cfg, last, state.cache,
                                          state.length - 1)
-        return _emit(state._replace(cache=cache), logits[:, -1], sampler, greedy=greedy)
+        return _write_next(state._replace(cache=cache), logits[:, -1], sampler, greedy=greedy)
 
     return jax.lax.while_loop(lambda state: _running(state, end) & (state.length <= slots), body, state)
 
@@ -376,7 +376,7 @@ def _decode_sliding(params: Params, cfg: GPTConfig, tokens: jax.Array, done: jax
     def body(state):
         window = jax.lax.dynamic_slice(state.tokens, (0, state.length - context), (state.tokens.shape[0], context))
         logits = apply(_weights_for_step(params, state.length), cfg, window)[:, -1]
-        return _emit(state, logits, sampler, greedy=greedy)
+        return _write_next(state, logits, sampler, greedy=greedy)
 
     state = jax.lax.while_loop(lambda state: _running(state, end), body, state)
     return state.tokens, state.length

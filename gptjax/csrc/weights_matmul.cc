@@ -50,21 +50,25 @@ void block_portable(const float* x, const W* w, float* y, int64_t m, int64_t k, 
 #define GPTJAX_SIMD 1
 
 // The AVX-512 and the AVX2 loops: one body (weights_matmul_simd.inc) compiled for each instruction set, with
-// the few operations it needs on a register of float32 lanes. load() widens stored weights (bfloat16: the
-// top half of a float32) or loads float32.
+// the few operations it needs on a register of float32 lanes, spelled once here for a register of W bits
+// (HALF: the integer register of half that width, loaded by HALF_LOAD). load() widens stored weights
+// (bfloat16: the top half of a float32) or loads float32.
+#define GPTJAX_VEC_OPS(W, LANES, HALF, HALF_LOAD)                                                        \
+  using Vec = __m##W;                                                                                     \
+  constexpr int64_t kLanes = LANES;                                                                       \
+  inline Vec load(const float* p) { return _mm##W##_loadu_ps(p); }                                        \
+  inline Vec load(const uint16_t* p) {                                                                    \
+    __m##W##i u = _mm##W##_cvtepu16_epi32(HALF_LOAD(reinterpret_cast<const HALF*>(p)));                  \
+    return _mm##W##_castsi##W##_ps(_mm##W##_slli_epi32(u, 16));                                           \
+  }                                                                                                       \
+  inline Vec broadcast(float v) { return _mm##W##_set1_ps(v); }                                           \
+  inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm##W##_fmadd_ps(a, b, c); }                            \
+  inline void store(float* p, Vec v) { _mm##W##_storeu_ps(p, v); }
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
 namespace avx512 {
-using Vec = __m512;
-constexpr int64_t kLanes = 16;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load(const uint16_t* p) {
-  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-inline Vec broadcast(float v) { return _mm512_set1_ps(v); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+GPTJAX_VEC_OPS(512, 16, __m256i, _mm256_loadu_si256)
 #include "weights_matmul_simd.inc"
 }  // namespace avx512
 #pragma GCC pop_options
@@ -72,16 +76,7 @@ inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-using Vec = __m256;
-constexpr int64_t kLanes = 8;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec load(const uint16_t* p) {
-  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-inline Vec broadcast(float v) { return _mm256_set1_ps(v); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+GPTJAX_VEC_OPS(256, 8, __m128i, _mm_loadu_si128)
 #include "weights_matmul_simd.inc"
 }  // namespace avx2
 #pragma GCC pop_options
