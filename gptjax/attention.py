@@ -66,13 +66,18 @@ def causal_attention(
 ) -> jax.Array:
     """Scaled dot-product attention with a causal mask.
 
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim], or
-    [batch, heads, kv_len, head_dim] with ``kv_heads_major`` (the KV cache's layout). Query i sits at
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, groups, head_dim], or
+    [batch, groups, kv_len, head_dim] with ``kv_heads_major`` (the KV cache's layout), where ``groups``
+    divides ``heads`` (grouped-query attention; ``groups == heads`` is multi-head attention). Query i sits at
     position ``q_offset + i`` (``q_offset`` a scalar or one per batch row) and key j at position j; a query attends to keys at positions <= its
     own. With a KV cache, keys past the filled part of the cache are therefore masked too.
     ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
     float32 whatever the input dtype.
     """
+    groups = k.shape[1 if kv_heads_major else 2]
+    if groups != q.shape[2]:  # grouped-query attention (Llama 3, Qwen3): each key/value head serves
+        # heads // groups query heads, in the order of the book's repeat_interleave
+        k, v = (jnp.repeat(x, q.shape[2] // groups, axis=1 if kv_heads_major else 2) for x in (k, v))
     kv = "bhkd" if kv_heads_major else "bkhd"
     head_dim = q.shape[-1]
     scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
@@ -258,7 +263,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, 
     batch is row r of the cache) and attend over them; q, k, v [batch, t, heads, head_dim]. Returns
     (context, new cache)."""
     pos = jnp.asarray(pos, jnp.int32)
-    compiled = (q.shape[1] == 1 and cpu_kernels.unavailable() is None
+    compiled = (q.shape[1] == 1 and q.shape[2] == k.shape[2] and cpu_kernels.unavailable() is None
                 and all(a.dtype == jnp.float32 for a in (q, k, v, cache["k"], cache["v"])))
     if not compiled:
         return attend_with_cache(q, k, v, cache, pos, cache_rows)

@@ -55,6 +55,11 @@ class GPTConfig(Settings):
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
+    @property
+    def n_kv_groups(self) -> int:
+        """Key/value heads (what a KV cache holds): GPT-2's multi-head attention has one per query head."""
+        return self.n_heads
+
 
 
 GPT_CONFIG_124M = GPTConfig()

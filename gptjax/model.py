@@ -46,7 +46,7 @@ class LayerCache(NamedTuple):
 
 # torch's default initialisers, so that training from scratch starts where the book's runs start
 # (nn.Embedding: N(0, 1); nn.Linear: weight and bias uniform in +-1/sqrt(fan_in)).
-_embedding_init = jax.nn.initializers.normal(stddev=1.0)
+embedding_init = jax.nn.initializers.normal(stddev=1.0)
 _kernel_init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
@@ -55,7 +55,8 @@ def _bias_init(fan_in: int):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _linear(d_in: int, d_out: int, *, use_bias: bool, dtype: Any, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+def linear(d_in: int, d_out: int, *, use_bias: bool, dtype: Any, rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+    """torch's nn.Linear as an NNX layer: its initialisation, and the platform's matmul (gptjax.platform)."""
     # dtype is the compute dtype: nnx.Linear casts its input and float32 parameters to it. The platform's
     # promotion and dot_general also take the stored bfloat16/int8 kernels of gptjax.quantize as they are.
     return nnx.Linear(
@@ -93,9 +94,9 @@ class FeedForward(nnx.Module):
         # A list rather than nnx.Sequential keeps the book's key names: ff.layers.0 / ff.layers.2.
         self.layers = nnx.List(
             [
-                _linear(cfg.emb_dim, 4 * cfg.emb_dim, use_bias=True, dtype=dtype, rngs=rngs),
+                linear(cfg.emb_dim, 4 * cfg.emb_dim, use_bias=True, dtype=dtype, rngs=rngs),
                 GELU(),
-                _linear(4 * cfg.emb_dim, cfg.emb_dim, use_bias=True, dtype=dtype, rngs=rngs),
+                linear(4 * cfg.emb_dim, cfg.emb_dim, use_bias=True, dtype=dtype, rngs=rngs),
             ]
         )
 
@@ -119,10 +120,10 @@ class MultiHeadAttention(nnx.Module):
     ):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.W_query = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.W_key = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.W_value = _linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
-        self.out_proj = _linear(d_out, d_out, use_bias=True, dtype=dtype, rngs=rngs)
+        self.W_query = linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.W_key = linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.W_value = linear(d_in, d_out, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+        self.out_proj = linear(d_out, d_out, use_bias=True, dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(dropout)
 
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None,
@@ -177,13 +178,13 @@ class GPTModel(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32, remat: bool = False):
         self.context_length = cfg.context_length
         self.remat = remat
-        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=_embedding_init, rngs=rngs)
-        self.pos_emb = nnx.Embed(cfg.context_length, cfg.emb_dim, embedding_init=_embedding_init, rngs=rngs)
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.emb_dim, embedding_init=embedding_init, rngs=rngs)
+        self.pos_emb = nnx.Embed(cfg.context_length, cfg.emb_dim, embedding_init=embedding_init, rngs=rngs)
         self.drop_emb = nnx.Dropout(cfg.drop_rate)
         self.trf_blocks = nnx.List([TransformerBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = LayerNorm(cfg.emb_dim)
         # Logits in float32 straight from the matmul's accumulator, whatever the compute dtype.
-        self.out_head = _linear(
+        self.out_head = linear(
             cfg.emb_dim, cfg.vocab_size, use_bias=False, dtype=dtype, preferred_element_type=jnp.float32,
             rngs=rngs,
         )
@@ -227,6 +228,12 @@ class GPTModel(nnx.Module):
 # Functional API: the parameter tree is the single source of truth.
 
 
+def model_class(cfg: Any) -> type[nnx.Module]:
+    """The module a config describes: a model family's config names its class (``cfg.model_class``, as
+    :class:`gptjax.qwen3.Qwen3Config` does); GPT-2's :class:`GPTConfig` is this module's GPTModel."""
+    return getattr(cfg, "model_class", GPTModel)
+
+
 def _compute_dtype(dtype: Any) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -237,7 +244,7 @@ def _compute_dtype(dtype: Any) -> jnp.dtype:
 @functools.lru_cache(maxsize=None)
 def graphdef(cfg: GPTConfig, dtype: Any = jnp.float32, remat: bool = False) -> nnx.GraphDef:
     """The static structure of GPTModel for ``cfg`` (and compute options), built once (abstractly)."""
-    abstract = nnx.eval_shape(lambda: GPTModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
+    abstract = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0), dtype=dtype, remat=remat))
     return nnx.split(abstract)[0]
 
 
@@ -254,7 +261,7 @@ def init_params(cfg: GPTConfig, seed: int | jax.Array = 0) -> Params:
 
     @jax.jit
     def _init(key):
-        return nnx.to_pure_dict(nnx.state(GPTModel(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
+        return nnx.to_pure_dict(nnx.state(model_class(cfg)(cfg, rngs=nnx.Rngs(params=key)), nnx.Param))
 
     return _init(key)
 
@@ -290,7 +297,8 @@ def apply(
 
 def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32, slots: int | None = None) -> KVCache:
     """An empty KV cache for :func:`apply_with_cache`: "k" and "v" of shape
-    [batch, n_heads, slots, head_dim] per layer, ``slots`` defaulting to context_length.
+    [batch, n_kv_groups, slots, head_dim] per layer (GPT-2: n_kv_groups = n_heads), ``slots`` defaulting to
+    context_length.
 
     Attention reads every slot of the cache it is given, so a cache only as long as the positions
     written so far makes a step's cache traffic follow the filled length (:mod:`gptjax.sampling`
@@ -299,7 +307,7 @@ def init_cache(cfg: GPTConfig, batch_size: int, dtype: Any = jnp.float32, slots:
     slots = cfg.context_length if slots is None else slots
     if not 1 <= slots <= cfg.context_length:
         raise ValueError(f"slots must be in [1, context_length={cfg.context_length}], got {slots}")
-    shape = (batch_size, cfg.n_heads, slots, cfg.head_dim)
+    shape = (batch_size, cfg.n_kv_groups, slots, cfg.head_dim)
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
 
 

@@ -392,7 +392,7 @@ def _sampler_shapes(batch: int) -> _Sampler:
 
 def _state_shapes(cfg: GPTConfig, batch: int, slots: int) -> _State:
     """The abstract state a bucket of ``slots`` hands on (what the next bucket's program is compiled for)."""
-    slab = jax.ShapeDtypeStruct((batch, cfg.n_heads, slots, cfg.head_dim), jnp.float32)
+    slab = jax.ShapeDtypeStruct((batch, cfg.n_kv_groups, slots, cfg.head_dim), jnp.float32)
     return _State(jax.ShapeDtypeStruct((batch, slots + 1), jnp.int32), [{"k": slab, "v": slab}] * cfg.n_layers,
                   jax.ShapeDtypeStruct((batch,), bool), jax.ShapeDtypeStruct((), jnp.int32))
 

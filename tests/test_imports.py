@@ -92,7 +92,7 @@ def test_gptjax_has_no_import_circle():
 
 # The weights modules: readers know no names, name tables know no files, and none imports a sibling of either.
 READERS = ("torch_file", "safetensors_file", "tf_checkpoint", "orbax_run")
-NAMINGS = ("book", "hf", "openai", "tree_names")
+NAMINGS = ("book", "hf", "openai", "tree_names", "hf_gqa")
 
 
 @pytest.mark.parametrize("module", READERS + NAMINGS)

@@ -33,12 +33,13 @@ from typing import Any
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights import book, gguf, hf, hub, openai, orbax_run, safetensors_file, tf_checkpoint, torch_file, tree_names
+from gptjax.weights import (book, gguf, hf, hf_gqa, hub, openai, orbax_run, safetensors_file, tf_checkpoint,
+                            torch_file, tree_names)
 from gptjax.weights.files import NamedTensors, folder_weights, is_weights_folder
 from gptjax.weights.writers import FORMATS, WRITERS, save_weights
 
 # Name tables, tried in this order: each has claims(names) -> bool and to_params(NamedTensors, cfg).
-NAMINGS = (book, hf, openai, tree_names)
+NAMINGS = (book, hf, openai, tree_names, hf_gqa)
 
 
 def detect_format(path: str | os.PathLike) -> str:

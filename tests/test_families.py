@@ -1,0 +1,93 @@
+"""Llama 3.2 and Qwen3 (gptjax.gqa, the book's chapter-5 bonus models): a Hugging Face folder that transformers
+wrote, read by gptjax.load_weights, gives transformers' logits (float32, tiny random configs: grouped-query
+attention, an explicit head size, tied and untied heads, Llama 3's RoPE scaling); the KV cache decodes the
+tokens the full forward pass picks; the presets are the book's."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import Qwen3Config as HFQwen3Config
+from transformers import Qwen3ForCausalLM
+
+import gptjax
+from gptjax.llama3 import LLAMA3_CONFIGS, Llama3Config
+from gptjax.model import apply_with_cache, init_cache
+from gptjax.qwen3 import QWEN3_CONFIGS, Qwen3Config
+from gptjax.weights import load_weights
+
+TOL = 1e-5
+COMMON = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+HF_MODELS = {
+    "qwen3-tied": lambda: Qwen3ForCausalLM(HFQwen3Config(**COMMON, head_dim=32, max_position_embeddings=128,
+                                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                                         tie_word_embeddings=True)),
+    "qwen3-untied": lambda: Qwen3ForCausalLM(HFQwen3Config(**COMMON, head_dim=16, max_position_embeddings=128,
+                                                           tie_word_embeddings=False)),
+    "llama3.2": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, max_position_embeddings=256, rms_norm_eps=1e-5,
+                                                     rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HF_MODELS))
+def hf_folder(request, tmp_path_factory):
+    torch.manual_seed(0)
+    model = HF_MODELS[request.param]().eval()
+    with torch.no_grad():  # RMSNorm scales start at one: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return request.param, model, folder
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def test_logits_match_transformers(hf_folder):
+    name, model, folder = hf_folder
+    params, cfg = load_weights(folder)
+    assert isinstance(cfg, Llama3Config if name.startswith("llama") else Qwen3Config)
+    assert cfg.tie_embeddings == model.config.tie_word_embeddings
+    assert ("out_head" in params) != cfg.tie_embeddings
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 40))
+    want = hf_logits(model, ids)
+    assert np.abs(np.asarray(gptjax.apply(params, cfg, ids)) - want).max() <= TOL
+    # Positions past the original context of Llama 3's RoPE scaling, and a batch of one.
+    long_ids = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(1, min(cfg.context_length, 100)))
+    assert np.abs(np.asarray(gptjax.apply(params, cfg, long_ids)) - hf_logits(model, long_ids)).max() <= TOL
+
+
+def test_kv_cache_decodes_what_the_full_pass_picks(hf_folder):
+    _, _, folder = hf_folder
+    params, cfg = load_weights(folder)
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, 7))
+    step = jax.jit(lambda p, t, c, pos: apply_with_cache(p, cfg, t, c, pos))
+    logits, cache = step(params, ids, init_cache(cfg, 2, slots=32), 0)
+    tokens = ids
+    for _ in range(6):
+        nxt = np.asarray(logits[:, -1].argmax(-1))[:, None]
+        full = np.asarray(gptjax.apply(params, cfg, tokens))
+        np.testing.assert_allclose(np.asarray(logits[:, -1]), full[:, -1], atol=TOL)
+        tokens = np.concatenate([tokens, nxt], axis=1)
+        logits, cache = step(params, nxt, cache, tokens.shape[1] - 1)
+    assert cache[0]["k"].shape == (2, cfg.n_kv_groups, 32, cfg.head_dim)
+
+
+def test_presets_are_the_books():
+    q = QWEN3_CONFIGS["qwen3-0.6b"]
+    assert (q.emb_dim, q.n_heads, q.n_kv_groups, q.head_dim, q.hidden_dim, q.n_layers) == (1024, 16, 8, 128, 3072, 28)
+    # The book's count of unique parameters (the output head is the token embedding)
+    assert gptjax.param_count(gptjax.abstract_params(q)) == 596_049_920
+    llama = LLAMA3_CONFIGS["llama-3.2-1b"]
+    assert gptjax.param_count(gptjax.abstract_params(llama)) == 1_235_814_400
+    assert (llama.head_dim, llama.rope_freq.factor, llama.rope_freq.original_context_length) == (64, 32.0, 8192)
+    with pytest.raises(ValueError, match="n_heads .* must be a multiple of n_kv_groups"):
+        Qwen3Config(n_heads=6, n_kv_groups=4)
