@@ -81,6 +81,37 @@ def test_kv_cache_decodes_what_the_full_pass_picks(hf_folder):
     assert cache[0]["k"].shape == (2, cfg.n_kv_groups, 32, cfg.head_dim)
 
 
+def test_written_back_as_a_folder_transformers_loads(hf_folder, tmp_path):
+    name, model, folder = hf_folder
+    params, cfg = load_weights(folder)
+    gptjax.save_weights(params, cfg, tmp_path / "back", format="hf")
+    back = type(model).from_pretrained(tmp_path / "back").eval()
+    assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 30))
+    assert np.abs(hf_logits(back, ids) - hf_logits(model, ids)).max() <= TOL
+    again, again_cfg = load_weights(tmp_path / "back")
+    assert again_cfg == cfg
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_generate_runs_every_family():
+    """gptjax.generate, unchanged, on both families: greedy tokens are the full pass's argmax, past the context
+    too (the window slides), and from int8 weights."""
+    for cfg in (Qwen3Config(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, hidden_dim=96,
+                            head_dim=32, n_kv_groups=2),
+                Llama3Config(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, hidden_dim=96,
+                             n_kv_groups=2, rope_original_context_length=16)):
+        params = gptjax.init_params(cfg, 0)
+        ids = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(2, 5))
+        tokens = ids
+        for _ in range(40):
+            window = tokens[:, -cfg.context_length:]
+            tokens = np.concatenate([tokens, np.asarray(gptjax.apply(params, cfg, window))[:, -1].argmax(-1)[:, None]], 1)
+        np.testing.assert_array_equal(gptjax.generate(params, cfg, ids, 40), tokens)
+        assert gptjax.generate(params, cfg, ids, 8, weights_dtype="int8").shape == (2, 13)
+
+
 def test_presets_are_the_books():
     q = QWEN3_CONFIGS["qwen3-0.6b"]
     assert (q.emb_dim, q.n_heads, q.n_kv_groups, q.head_dim, q.hidden_dim, q.n_layers) == (1024, 16, 8, 128, 3072, 28)

@@ -1,7 +1,7 @@
 """Name table: transformers' ``LlamaForCausalLM`` and ``Qwen3ForCausalLM`` names (``model.layers.0.self_attn
 .q_proj.weight``, ...) in whatever file holds them, with the ``config.json`` beside them (``model_type`` llama
-or qwen3), read into :mod:`gptjax.gqa`'s models (:class:`~gptjax.llama3.Llama3Config`,
-:class:`~gptjax.qwen3.Qwen3Config`).
+or qwen3), for :mod:`gptjax.gqa`'s models (:class:`~gptjax.llama3.Llama3Config`,
+:class:`~gptjax.qwen3.Qwen3Config`), both ways.
 
 torch Linear weights are [out, in]: transposed into Flax kernels. A tied output head (``tie_word_embeddings``,
 as the published Llama 3.2 and small Qwen3 are) is the token embedding itself, not a tensor of its own.
@@ -13,11 +13,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from gptjax.llama3 import Llama3Config
 from gptjax.model import Params
 from gptjax.qwen3 import Qwen3Config
 from gptjax.weights.files import NamedTensors, one_line
-from gptjax.weights.mapping import Row, params_from_tensors
+from gptjax.weights.mapping import Row, params_from_tensors, tensors_from_params
 
 CONFIG = "config.json"
 EMBED = "model.embed_tokens.weight"
@@ -45,6 +47,45 @@ def gqa_table(cfg: Llama3Config | Qwen3Config) -> list[Row]:
     if not cfg.tie_embeddings:
         table.append(Row(LM_HEAD, ("out_head", "kernel"), transpose=True))
     return table
+
+
+def to_tensors(params: Params, cfg: Llama3Config | Qwen3Config) -> dict[str, np.ndarray]:
+    """The state_dict transformers' model of the family loads, as float32 numpy (a tied head is not stored:
+    transformers ties it on loading)."""
+    return dict(sorted(tensors_from_params(gqa_table(cfg), params).items()))
+
+
+def config_file(params: Params, cfg: Llama3Config | Qwen3Config) -> tuple[str, str]:
+    """(name, text) of the config.json transformers reads beside these weights: the RoPE settings both as
+    transformers 5 spells them (``rope_parameters``) and as earlier versions do (``rope_theta``,
+    ``rope_scaling``)."""
+    qwen = isinstance(cfg, Qwen3Config)
+    scaling = None if qwen else {"rope_type": "llama3", "factor": cfg.rope_factor,
+                                 "low_freq_factor": cfg.rope_low_freq_factor,
+                                 "high_freq_factor": cfg.rope_high_freq_factor,
+                                 "original_max_position_embeddings": cfg.rope_original_context_length}
+    config = {
+        "architectures": ["Qwen3ForCausalLM" if qwen else "LlamaForCausalLM"],
+        "model_type": "qwen3" if qwen else "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.context_length,
+        "hidden_size": cfg.emb_dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_groups,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": False,
+        **({} if qwen else {"mlp_bias": False}),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_theta": cfg.rope_base,
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_theta": cfg.rope_base, **(scaling or {"rope_type": "default"})},
+        "torch_dtype": "float32",
+    }
+    return CONFIG, json.dumps(config, indent=2) + "\n"
 
 
 def claims(names) -> bool:

@@ -18,6 +18,7 @@ from gptjax.atomic import made_dirs
 from gptjax.weights.files import WEIGHTS_FILES, is_index, one_line, shard_names, shards
 
 CONFIG = "config.json"  # a Hugging Face model's settings, beside its weights
+MODEL_TYPES = ("gpt2", "llama", "qwen3")  # GPT-2, Llama 3, Qwen3: the families gptjax's models compute
 GPT2_SIZES = ("124M", "355M", "774M", "1558M")
 GPT2_FILES = (
     "checkpoint",
@@ -104,9 +105,9 @@ def _download(repo: str) -> Path:
         model_type = json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
-    if model_type != "gpt2":  # before any weights are downloaded
+    if model_type not in MODEL_TYPES:  # before any weights are downloaded
         raise ValueError(
-            f"{repo}: model_type {model_type!r} in its config.json is not GPT-2; gptjax reads GPT-2 models only"
+            f"{repo}: model_type {model_type!r} in its config.json is not one gptjax reads ({', '.join(MODEL_TYPES)})"
         )
     for name in WEIGHTS_FILES:
         try:

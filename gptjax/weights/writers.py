@@ -23,7 +23,7 @@ from typing import Any
 from gptjax.atomic import atomic_dir, atomic_file, check_overwrite
 from gptjax.config import GPTConfig
 from gptjax.model import Params
-from gptjax.weights import book, gguf, hf, openai, safetensors_file, tf_checkpoint, torch_file, tree_names
+from gptjax.weights import book, gguf, hf, hf_gqa, openai, safetensors_file, tf_checkpoint, torch_file, tree_names
 from gptjax.weights.files import SAFETENSORS, is_weights_folder
 from gptjax.weights.mapping import check_params, check_sidecar_free, sidecar_path, sidecar_text, write_sidecar
 
@@ -68,12 +68,13 @@ def save_tf_folder(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, n
 
 
 def save_hf_folder(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-    """A folder that ``GPT2LMHeadModel.from_pretrained`` and :func:`~gptjax.weights.load_weights` read
-    (``model.safetensors``, ``config.json``); an output head that differs from the token embedding is written
-    as ``lm_head.weight``. Into an existing folder only with ``overwrite``, replacing only those two files (a
+    """A folder that transformers' ``from_pretrained`` (``GPT2LMHeadModel``, or for Llama 3 and Qwen3 configs
+    ``LlamaForCausalLM`` / ``Qwen3ForCausalLM``) and :func:`~gptjax.weights.load_weights` read
+    (``model.safetensors``, ``config.json``); an output head of its own is written as ``lm_head.weight``. Into an existing folder only with ``overwrite``, replacing only those two files (a
     tokenizer or anything else there stays)."""
-    config_name, config_text = hf.config_file(params, cfg)
-    _save_folder(params, cfg, path, hf, (SAFETENSORS, config_name), config_name, config_text,
+    table = hf if isinstance(cfg, GPTConfig) else hf_gqa  # GPT2LMHeadModel, or LlamaForCausalLM / Qwen3ForCausalLM
+    config_name, config_text = table.config_file(params, cfg)
+    _save_folder(params, cfg, path, table, (SAFETENSORS, config_name), config_name, config_text,
                  lambda folder, tensors: safetensors_file.write(folder / SAFETENSORS, tensors), is_weights_folder,
                  overwrite)
 
