@@ -15,6 +15,7 @@ import gptjax
 from gptjax.llama3 import LLAMA3_CONFIGS, Llama3Config
 from gptjax.model import apply_with_cache, init_cache
 from gptjax.qwen3 import QWEN3_CONFIGS, Qwen3Config
+from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step
 from gptjax.weights import load_weights
 
 TOL = 1e-5
@@ -93,6 +94,30 @@ def test_written_back_as_a_folder_transformers_loads(hf_folder, tmp_path):
     assert again_cfg == cfg
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_six_training_steps_match_torch(hf_folder):
+    """gptjax's train step (AdamW with torch's defaults) on a family's model, against the same six steps of
+    torch.optim.AdamW on transformers' model: the losses agree to 1e-5."""
+    import copy
+
+    _, model, folder = hf_folder
+    params, cfg = load_weights(folder)
+    torch_model = copy.deepcopy(model).train()
+    tcfg = TrainConfig(batch_size=2, lr=4e-4, weight_decay=0.1)
+    torch_opt = torch.optim.AdamW(torch_model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = make_optimizer(tcfg, 6)
+    step, opt_state = make_train_step(cfg, optimizer), init_opt_state(optimizer, params)
+    batches = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(6, 2, 17))
+    for i, batch in enumerate(batches):
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = torch_model(torch.as_tensor(x)).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.as_tensor(y).flatten())
+        torch_opt.zero_grad()
+        loss.backward()
+        torch_opt.step()
+        params, opt_state, metrics = step(params, opt_state, (x, y), jax.random.key(i))
+        assert abs(float(metrics["loss"]) - loss.item()) <= TOL, i
 
 
 def test_generate_runs_every_family():
