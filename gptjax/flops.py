@@ -59,13 +59,17 @@ def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
     ``6 * N + 12 * n_layers * emb_dim * seq_len``.
 
     ``N`` counts the parameters that multiply: all but the ``tok_emb`` and ``pos_emb`` tables, which are
-    looked up. The book's ``out_head`` is a matrix of its own, so it is in ``N``. The second term is
-    attention's ``q @ k^T`` and ``weights @ v`` over ``seq_len`` positions (default: the context length),
-    counted in full as PaLM does, although the causal mask makes half of it zeros."""
+    looked up. The book's ``out_head`` is a matrix of its own, so it is in ``N``; a model whose head is the token
+    embedding (Llama 3.2, the small Qwen3) multiplies by that table once more, so it counts once. The second
+    term is attention's ``q @ k^T`` and ``weights @ v`` over ``seq_len`` positions (default: the context
+    length) for the query heads' width (GPT-2: ``emb_dim``), counted in full as PaLM does, although the
+    causal mask makes half of it zeros."""
     seq_len = cfg.context_length if seq_len is None else seq_len
     params = abstract_params(cfg)
-    n = param_count(params) - params["tok_emb"]["embedding"].size - params["pos_emb"]["embedding"].size
-    return 6.0 * n + 12.0 * cfg.n_layers * cfg.emb_dim * seq_len
+    tok_emb = params["tok_emb"]["embedding"].size
+    pos_emb = params["pos_emb"]["embedding"].size if "pos_emb" in params else 0
+    n = param_count(params) - tok_emb - pos_emb + (0 if "out_head" in params else tok_emb)
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 
 @dataclass

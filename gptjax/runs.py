@@ -179,7 +179,8 @@ def resume_run(run_dir: str | Path, *, max_steps: int | None = None, save_every:
     checked = _check(settings, mesh)
     if checked.n_steps != config["steps_per_epoch"]:
         raise ValueError(f"the training data now gives {checked.n_steps} steps per epoch, not "
-                         f"{config['steps_per_epoch']} as when {run_dir} started: its data changed, so the run cannot resume exactly")
+                         f"{config['steps_per_epoch']} as when {run_dir} started: its data changed, so the run "
+                         "cannot resume exactly")
     sharding.sync_processes("gptjax.runs: settings checked")
     optimizer = make_optimizer(tcfg, tcfg.epochs * checked.n_steps)
     if latest_step(run_dir) is None:  # stopped before its first save: start it again as it started

@@ -15,7 +15,9 @@ import gptjax
 from gptjax.llama3 import LLAMA3_CONFIGS, Llama3Config
 from gptjax.model import apply_with_cache, init_cache
 from gptjax.qwen3 import QWEN3_CONFIGS, Qwen3Config
-from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step
+from gptjax.data import create_dataloader
+from gptjax.flops import flops_per_token
+from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step, train_model_simple
 from gptjax.weights import load_weights
 
 TOL = 1e-5
@@ -136,6 +138,23 @@ def test_generate_runs_every_family():
             tokens = np.concatenate([tokens, np.asarray(gptjax.apply(params, cfg, window))[:, -1].argmax(-1)[:, None]], 1)
         np.testing.assert_array_equal(gptjax.generate(params, cfg, ids, 12), tokens)
     assert gptjax.generate(params, cfg, ids, 4, weights_dtype="int8").shape == (2, 18)
+
+
+def test_the_books_training_loop_runs_a_family():
+    """train_model_simple, unchanged, on a Qwen3 config: its steps, evaluations and speed records (whose FLOPs
+    count the tied head's matmul once, and attention over the query heads' width)."""
+    cfg = Qwen3Config(vocab_size=300, context_length=16, emb_dim=64, n_heads=4, n_layers=2, hidden_dim=96,
+                      head_dim=32, n_kv_groups=2)
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, 400)
+    train = create_dataloader(ids[:320], batch_size=2, max_length=16, stride=16, shuffle=True, drop_last=True)
+    val = create_dataloader(ids[320:], batch_size=2, max_length=16, stride=16, shuffle=False, drop_last=False)
+    tcfg = TrainConfig(epochs=2, eval_freq=3, eval_iter=1, start_context="")
+    result = train_model_simple(gptjax.init_params(cfg, 0), cfg, train, val, tcfg, progress=False)
+    assert result.position.step == 2 * len(train) and len(result.history.step_losses) == 2 * len(train)
+    assert result.history.val_losses and all(np.isfinite(result.history.step_losses))
+    assert result.speed["tokens_per_sec"] > 0
+    n = gptjax.param_count(gptjax.abstract_params(cfg))  # the tied head multiplies by tok_emb: all of it counts
+    assert flops_per_token(cfg, 16) == 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 16
 
 
 def test_presets_are_the_books():

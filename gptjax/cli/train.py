@@ -24,7 +24,7 @@ from gptjax import cli, sharding
 from gptjax.config import GPTConfig
 from gptjax.data import DataSource
 from gptjax.model import Params
-from gptjax.runs import HELLASWAG_EVERY, Monitoring, RunSettings, Stopped, resume_run, start_run
+from gptjax.runs import HELLASWAG_EVERY, Monitoring, RunSettings, Stopped, check_out_dir, resume_run, start_run
 from gptjax.training import NonFiniteLossError, TrainConfig
 from gptjax.weights.mapping import ARCH_FIELDS
 
@@ -150,6 +150,8 @@ def run(args: dict[str, Any]) -> Path:
     mesh = _make_mesh(args)
     monitoring = {k: args[k] for k in MONITOR_FLAGS if k in args}
     if "resume" not in args:
+        if "out" in args:
+            check_out_dir(Path(args["out"]))  # before --init-from's weights load
         settings, params = _new_run(args, monitoring)
     common = dict(mesh=mesh, progress=args.get("progress", True), peak_tflops=args.get("peak_tflops"))
     if "resume" in args:
