@@ -454,26 +454,15 @@ def train_model_simple(
     result's ``speed`` is the run's average. ``peak_tflops`` is one device's peak for MFU (default: the
     datasheet figure of known GPUs and TPUs for ``tcfg.dtype``; none on CPU).
     """
-    n_steps = steps_per_epoch(train_loader, tcfg.grad_accum)
-    if n_steps == 0:
-        raise ValueError(
-            f"the training loader has {len(train_loader)} batches, fewer than one optimizer step "
-            f"(grad_accum={tcfg.grad_accum}); use more data, a smaller batch size or less accumulation"
-        )
-    total_steps = tcfg.epochs * n_steps
-    last_step = total_steps if tcfg.max_steps is None else min(total_steps, tcfg.max_steps)
-    optimizer = optimizer or make_optimizer(tcfg, total_steps)
+    n_steps, last_step = _step_counts(train_loader, tcfg)
+    optimizer = optimizer or make_optimizer(tcfg, tcfg.epochs * n_steps)
     # On device from the start: host (numpy) inputs would make the second step compile again.
     params = _on_device(params)
     opt_state = init_opt_state(optimizer, params) if opt_state is None else _on_device(opt_state)
     train_step = train_step or make_train_step(cfg, optimizer, **train_step_options(tcfg))
     key = run_keys(tcfg.seed)[1] if key is None else key
     hooks = hooks or TrainHooks()
-    if tokenizer is None and tcfg.start_context:
-        from gptjax.tokenizer import get_tokenizer
-
-        tokenizer = get_tokenizer()
-
+    tokenizer = tokenizer or _sample_tokenizer(tcfg)
     history, pos, stop = History(), start, False  # stop: hooks.stop_requested(), save and return early
     main_process = jax.process_index() == 0  # in a multi-host run, only process 0 prints
     bar = tqdm(total=last_step, initial=min(pos.step, last_step), unit="step",
@@ -523,6 +512,27 @@ def train_model_simple(
     finally:
         bar.close()
     return TrainResult(params, opt_state, pos, history, steps.average())
+
+
+def _step_counts(train_loader: Any, tcfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, the step the run ends at: all epochs, or ``tcfg.max_steps``)."""
+    n_steps = steps_per_epoch(train_loader, tcfg.grad_accum)
+    if n_steps == 0:
+        raise ValueError(
+            f"the training loader has {len(train_loader)} batches, fewer than one optimizer step "
+            f"(grad_accum={tcfg.grad_accum}); use more data, a smaller batch size or less accumulation"
+        )
+    total_steps = tcfg.epochs * n_steps
+    return n_steps, total_steps if tcfg.max_steps is None else min(total_steps, tcfg.max_steps)
+
+
+def _sample_tokenizer(tcfg: TrainConfig) -> Any:
+    """GPT-2's tokenizer when the run prints samples after each epoch (``tcfg.start_context``), else None."""
+    if not tcfg.start_context:
+        return None
+    from gptjax.tokenizer import get_tokenizer
+
+    return get_tokenizer()
 
 
 def _evaluate(params: Params, cfg: GPTConfig, train_loader: Any, val_loader: Any, eval_iter: int, where: dict,
