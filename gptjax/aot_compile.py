@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gptjax.atomic import atomic_file, check_overwrite
-from gptjax.config import GPTConfig
+from gptjax.presets import ModelConfig, config_to_dict
 from gptjax.training import TrainConfig
 
 GiB = 1024**3
@@ -58,7 +58,7 @@ class Target:
         return len(self.devices)
 
 
-def compile_train_step(target: str, cfg: GPTConfig, tcfg: TrainConfig, *, mesh: Mapping[str, int] | None = None,
+def compile_train_step(target: str, cfg: ModelConfig, tcfg: TrainConfig, *, mesh: Mapping[str, int] | None = None,
                        dump_hlo: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Compile the train step of ``cfg`` and ``tcfg`` for ``target`` (``tpu-<topology>``, ``gpu-h100:<N>``,
     ``gpu-h200:<N>`` or ``cpu``) on ``mesh`` (axis sizes; None: data parallel over every device); the report
@@ -99,7 +99,7 @@ def compile_train_step(target: str, cfg: GPTConfig, tcfg: TrainConfig, *, mesh: 
         "device_kind": resolved.device_kind,
         "devices": resolved.n_devices,
         "mesh": dict(device_mesh.shape),
-        "model": cfg.to_dict(),
+        "model": config_to_dict(cfg),
         "parameters": param_count(abstract_params(cfg)),
         "batch_size": tcfg.batch_size,
         "grad_accum": tcfg.grad_accum,
@@ -119,7 +119,7 @@ def compile_train_step(target: str, cfg: GPTConfig, tcfg: TrainConfig, *, mesh: 
     }
 
 
-def _compile(cfg: GPTConfig, tcfg: TrainConfig, mesh) -> tuple[Any, str | None, int, float]:
+def _compile(cfg: ModelConfig, tcfg: TrainConfig, mesh) -> tuple[Any, str | None, int, float]:
     """(the compiled step or None, the compiler's refusal when the program cannot fit, the parameters' and
     optimizer state's bytes per device, the seconds it took)."""
     import jax
@@ -327,15 +327,20 @@ def _flops(compiled: Any) -> float | None:
     return None if flops is None or flops < 0 else float(flops)
 
 
-def _attention_kind(hlo: str, target: Target, cfg, tcfg) -> str:
+def _attention_kind(hlo: str, target: Target, cfg: ModelConfig, tcfg: TrainConfig) -> str:
     """Which attention the compiled program holds, and on a GPU why not cuDNN's flash attention."""
     if "__cudnn$fmha" in hlo:
         return "cuDNN flash attention"
-    if target.platform == "cpu" and cfg.drop_rate == 0:
+    # GPT-2's model takes gptjax.attention's per-platform paths when it has no dropout; the families' configs
+    # have no drop_rate, their model (gptjax.gqa) having no dropout and one causal attention on every platform.
+    drop_rate = getattr(cfg, "drop_rate", None)
+    if drop_rate is None:
+        return "XLA attention (the model's causal attention, the same on every platform)"
+    if target.platform == "cpu" and drop_rate == 0:
         return "blocked causal attention (gptjax.attention)"
     if target.platform != "gpu":
         return "XLA attention"
-    if cfg.drop_rate > 0:
+    if drop_rate > 0:
         return ("XLA attention (dropout on the attention weights, as in the book; with drop_rate 0 the "
                 "GPU program gets cuDNN flash attention where cuDNN is installed)")
     from gptjax.attention import cudnn_attention_unavailable

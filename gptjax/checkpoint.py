@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from gptjax.atomic import atomic_dir
-from gptjax.config import GPTConfig
+from gptjax.presets import ModelConfig, config_from_dict, config_to_dict
 from gptjax.model import Params, abstract_params
 from gptjax.training import OptState, Position
 
@@ -57,12 +57,12 @@ def save_checkpoint(
     params: Params,
     opt_state: OptState,
     key: jax.Array,
-    cfg: GPTConfig,
+    cfg: ModelConfig,
 ) -> None:
     """Save the state after ``position.step`` optimizer steps as checkpoint ``position.step``."""
     meta = {
         "format": FORMAT,
-        "model": cfg.to_dict(),
+        "model": config_to_dict(cfg),
         **dataclasses.asdict(position),
         "rng_impl": str(jax.random.key_impl(key)),
         "rng_key": np.asarray(jax.random.key_data(key)).tolist(),
@@ -112,15 +112,15 @@ def restore_checkpoint(
 # Weights only
 
 
-def save_params(params: Params, cfg: GPTConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
+def save_params(params: Params, cfg: ModelConfig, path: str | os.PathLike, *, overwrite: bool = False) -> None:
     """Write ``params`` and ``cfg`` as a gptjax parameter directory (``params/`` and ``config.json``), atomically.
     An existing folder needs ``overwrite``; then only those two entries are replaced."""
     with atomic_dir(path, (PARAMS, CONFIG_JSON), _is_params_dir, overwrite=overwrite) as tmp:
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(tmp / PARAMS, args=ocp.args.StandardSave(params))
-        (tmp / CONFIG_JSON).write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2) + "\n")
+        (tmp / CONFIG_JSON).write_text(json.dumps({"format": FORMAT, "model": config_to_dict(cfg)}, indent=2) + "\n")
 
 
-def load_params(path: str | os.PathLike) -> tuple[Params, GPTConfig]:
+def load_params(path: str | os.PathLike) -> tuple[Params, ModelConfig]:
     """Parameters and config from a run directory (its latest checkpoint), a checkpoint step
     directory (RUN/checkpoints/<step>) or a :func:`save_params` directory."""
     step_dir, cfg = _locate(Path(path))
@@ -155,7 +155,7 @@ def _is_step_dir(p: Path) -> bool:
     return (p / PARAMS).is_dir() and (p / META).is_dir()
 
 
-def _locate(p: Path) -> tuple[Path, GPTConfig]:
+def _locate(p: Path) -> tuple[Path, ModelConfig]:
     """The directory holding ``params`` and the model config, for any of the three layouts."""
     if not p.exists():
         raise FileNotFoundError(f"no gptjax checkpoint at {p}: the path does not exist")
@@ -180,10 +180,10 @@ def _locate(p: Path) -> tuple[Path, GPTConfig]:
     )
 
 
-def _config_from(d: Any, source: Path) -> GPTConfig:
+def _config_from(d: Any, source: Path) -> ModelConfig:
     if not isinstance(d, dict) or d.get("format") != FORMAT or not isinstance(d.get("model"), dict):
         raise ValueError(f"{source} does not describe a gptjax model (no 'format': 'gptjax' and 'model' entry)")
-    return GPTConfig.from_dict(d["model"])
+    return config_from_dict(d["model"])
 
 
 def _read_meta(step_dir: Path) -> dict:

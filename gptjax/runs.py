@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from gptjax import hellaswag, sharding
 from gptjax.atomic import atomic_file
 from gptjax.checkpoint import CHECKPOINTS, checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
-from gptjax.config import GPTConfig
+from gptjax.presets import ModelConfig, config_from_dict, config_to_dict
 from gptjax.dashboard import Dashboards, check_wandb, new_wandb_id
 from gptjax.data import DataLoader, DataSource, build_loaders
 from gptjax.model import Params, abstract_params, init_params, param_count
@@ -123,7 +123,7 @@ class RunSettings:
     """Everything config.json fixes about a run: the model, training, data and starting weights (``init_from``,
     None: initialised from the seed); ``monitoring`` may change when it resumes."""
 
-    cfg: GPTConfig
+    cfg: ModelConfig
     tcfg: TrainConfig
     data: DataSource
     init_from: str | None = None
@@ -132,7 +132,7 @@ class RunSettings:
     @classmethod
     def from_config(cls, config: dict) -> "RunSettings":
         """The settings a run directory's config.json records."""
-        return cls(GPTConfig.from_dict(config["model"]), TrainConfig.from_dict(config["train"]),
+        return cls(config_from_dict(config["model"]), TrainConfig.from_dict(config["train"]),
                    DataSource.from_dict(config["data"]), config["data"].get("init_from"),
                    Monitoring(**config.get("monitoring", {})))
 
@@ -277,7 +277,7 @@ def _log(message: str) -> None:
         print(message)
 
 
-def _init_state(cfg: GPTConfig, optimizer: optax.GradientTransformation, key: jax.Array, params: Params | None,
+def _init_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, key: jax.Array, params: Params | None,
                 mesh: Mesh | None) -> tuple[Params, OptState | None]:
     """A new run's parameters (``params`` if given, else initialised from ``key``) and, on a mesh, its optimizer
     state, both created in their shards (train_model_simple makes a one-device state)."""
@@ -303,7 +303,7 @@ class RunWriter(TrainHooks):
     """Appends each event to the run directory and its dashboards, scores HellaSwag, and saves checkpoints:
     when the loop saves, and also every ``tcfg.save_minutes`` and when ``signals`` asks the run to stop."""
 
-    def __init__(self, run_dir: Path, cfg: GPTConfig, key: jax.Array, tcfg: TrainConfig, signals: StopSignals,
+    def __init__(self, run_dir: Path, cfg: ModelConfig, key: jax.Array, tcfg: TrainConfig, signals: StopSignals,
                  monitoring: Monitoring, examples: list[hellaswag.Example] | None, start_step: int):
         self.run_dir, self.cfg, self.key, self.signals = run_dir, cfg, key, signals
         self.examples, self.hellaswag_every = examples, monitoring.hellaswag_every
@@ -387,7 +387,7 @@ def read_config(run_dir: Path) -> dict:
 
 def write_config(run_dir: Path, settings: RunSettings, n_steps: int, train_batches: int, val_batches: int) -> None:
     config = {
-        "model": settings.cfg.to_dict(),
+        "model": config_to_dict(settings.cfg),
         "train": settings.tcfg.to_dict(),
         "data": {**settings.data.to_dict(), "init_from": settings.init_from},
         "steps_per_epoch": n_steps,

@@ -1,15 +1,24 @@
-"""GPT-2 byte-pair encoding through tiktoken, built offline from the bundled ranks file."""
+"""Tokenizers: GPT-2's byte-pair encoding through tiktoken, built offline from the bundled ranks file, and a
+model folder's own (Llama 3's ``tokenizer.model`` through tiktoken, Qwen3's ``tokenizer.json`` through Hugging
+Face tokenizers), each used through tiktoken's method names so the rest of gptjax takes any of them."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import numpy as np
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+
+if TYPE_CHECKING:
+    import tokenizers
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
@@ -57,3 +66,115 @@ def token_ids_to_text(token_ids, tokenizer: tiktoken.Encoding | None = None) -> 
 def load_default_corpus() -> str:
     """The bundled default training text: Edith Wharton's "The Verdict", as in the book."""
     return asset_path("the-verdict.txt").read_text(encoding="utf-8")
+
+
+# Meta's pre-tokenizer for Llama 3's tiktoken ranks (its tokenizer.py; the book's Llama3Tokenizer uses it too).
+LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama 3's special tokens after its 128,000 ranks, as the book names them, for a tokenizer.model with no
+# tokenizer_config.json beside it (which lists Meta's names and wins).
+LLAMA3_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+                   9: "<|eot_id|>"}
+LLAMA3_N_SPECIALS = 256
+
+Encoding = tiktoken.Encoding  # or HFEncoding: what load_tokenizer returns
+
+
+class HFEncoding:
+    """A Hugging Face ``tokenizer.json`` byte-level BPE (Qwen3's, Llama 3's, GPT-2's) behind the tiktoken
+    method names gptjax calls. ``encode`` matches special tokens only where ``allowed_special`` names them (as
+    tiktoken does; transformers matches all of them, which is ``allowed_special="all"``)."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, name: str):
+        self._tok, self.name = tok, name
+        # Special tokens' text in ordinary text stays text; encode() splits on the allowed ones itself.
+        tok.encode_special_tokens = True
+        added = tok.get_added_tokens_decoder()
+        self._special = {t.content: i for i, t in added.items() if t.special}
+        self.n_vocab = tok.get_vocab_size(with_added_tokens=True)
+        self._bytes = [b""] * self.n_vocab
+        byte_of = _byte_of_char()
+        for token, i in tok.get_vocab(with_added_tokens=False).items():
+            self._bytes[i] = bytes(byte_of[c] for c in token)
+        for i, t in added.items():
+            self._bytes[i] = t.content.encode()
+
+    @property
+    def special_tokens_set(self) -> set[str]:
+        return set(self._special)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, *, allowed_special: set[str] | str = frozenset()) -> list[int]:
+        allowed = self._special if allowed_special == "all" else {
+            t: self._special[t] for t in allowed_special if t in self._special}
+        if not allowed:
+            return self.encode_ordinary(text)
+        ids: list[int] = []
+        pieces = re.split("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")", text)
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(allowed[piece])
+            elif piece:
+                ids.extend(self.encode_ordinary(piece))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return self._bytes[token]
+
+    def decode_bytes(self, ids: list[int]) -> bytes:
+        return b"".join(self._bytes[i] for i in ids)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: printable Latin-1 bytes stand for themselves, the others for
+    code points from 256 up. ``tokenizers`` applies it but does not expose the table, which decoding to bytes
+    (UTF-8 held back while streaming) needs."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def load_tokenizer(folder: str | os.PathLike) -> Encoding | HFEncoding:
+    """A model folder's tokenizer: Llama 3's tiktoken ``tokenizer.model`` (at the top or in ``original/``, as
+    Meta publishes it) through tiktoken, else ``tokenizer.json`` through Hugging Face tokenizers."""
+    folder = Path(folder)
+    ranks_file = next((f for f in (folder / "tokenizer.model", folder / "original" / "tokenizer.model")
+                       if f.is_file() and _is_tiktoken_ranks(f)), None)
+    if ranks_file is not None:
+        ranks = load_tiktoken_bpe(str(ranks_file))
+        specials = _added_tokens(folder) or {
+            LLAMA3_SPECIALS.get(k, f"<|reserved_{k}|>"): len(ranks) + k for k in range(LLAMA3_N_SPECIALS)}
+        return tiktoken.Encoding(name=folder.name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks,
+                                 special_tokens={t: i for t, i in specials.items() if i >= len(ranks)})
+    if not (folder / "tokenizer.json").is_file():
+        raise ValueError(f"{folder} has no tokenizer.json or Llama 3 tokenizer.model; copy the model's tokenizer "
+                         "files from where its weights came from")
+    decoder = (json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("decoder") or {}).get("type")
+    if decoder != "ByteLevel":
+        raise ValueError(f"{folder / 'tokenizer.json'} is not a byte-level BPE tokenizer (its decoder is {decoder!r}); "
+                         "gptjax reads GPT-2's, Llama 3's and Qwen3's")
+    from tokenizers import Tokenizer
+
+    return HFEncoding(Tokenizer.from_file(str(folder / "tokenizer.json")), folder.name)
+
+
+def _is_tiktoken_ranks(path: Path) -> bool:
+    """Llama 3's tokenizer.model is tiktoken's text format (base64 token, rank); Llama 2's is SentencePiece's."""
+    with open(path, "rb") as f:
+        first = f.readline().split()
+    return len(first) == 2 and first[1].isdigit()
+
+
+def _added_tokens(folder: Path) -> dict[str, int]:
+    """The special tokens tokenizer_config.json lists (``added_tokens_decoder``), or none."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    added = json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+    return {t["content"]: int(i) for i, t in added.items()}

@@ -36,7 +36,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from gptjax import sharding  # noqa: E402
 from gptjax.checkpoint import restore_checkpoint  # noqa: E402
-from gptjax.config import GPTConfig  # noqa: E402
+from gptjax.presets import config_from_dict  # noqa: E402
 from gptjax.data import GPTDataset, create_dataloader  # noqa: E402
 from gptjax.model import init_params  # noqa: E402
 from gptjax.sampling import generate  # noqa: E402
@@ -88,7 +88,7 @@ def one_process(out: Path) -> dict:
         code, err = cli(*RUN, *flags, "--out", out / name)
         assert code == 0, err
         result["runs"][name] = records(out / name)
-    cfg = GPTConfig.from_dict(json.loads((out / "single" / "config.json").read_text())["model"])
+    cfg = config_from_dict(json.loads((out / "single" / "config.json").read_text())["model"])
 
     # 2. The 4x2 run's checkpoint of step 2 picked up on 8x1 and on one device (as if the run had stopped
     # there): the restored state is the saved one bit for bit, and training continues as before.

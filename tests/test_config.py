@@ -1,6 +1,7 @@
 import pytest
 
 from gptjax import GPT_CONFIG_124M, PRESETS, GPTConfig, get_config
+from gptjax.presets import config_from_dict, config_to_dict, family_of, model_preset
 
 
 def test_book_training_config():
@@ -50,3 +51,25 @@ def test_roundtrip_dict():
     assert GPTConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         GPTConfig.from_dict({**c.to_dict(), "n_embd": 3})
+
+
+@pytest.mark.parametrize("name", ["355M", "GPT_CONFIG_124M", "qwen3-0.6b", "qwen3-8b", "llama-3.2-1b"])
+def test_every_family_stores_its_config_and_reads_it_back(name):
+    cfg = model_preset(name)
+    stored = config_to_dict(cfg)
+    assert stored["family"] == family_of(cfg) and config_from_dict(stored) == cfg
+    assert type(config_from_dict(stored)) is type(cfg)
+
+
+def test_stored_configs_from_before_families_are_gpt2s():
+    c = get_config("355M")
+    assert config_from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown model family 'mamba'"):
+        config_from_dict({"family": "mamba", **c.to_dict()})
+
+
+def test_model_preset_names_every_family():
+    assert model_preset("124M") == get_config("124M")
+    assert model_preset("qwen3-0.6b", context_length=512).context_length == 512
+    with pytest.raises(ValueError, match="unknown preset 'qwen9'.*llama-3.2-1b.*qwen3-0.6b"):
+        model_preset("qwen9")

@@ -13,6 +13,7 @@ import pytest
 import gptjax.training
 from gptjax.checkpoint import latest_step, load_params, save_params
 from gptjax.config import GPT_CONFIG_124M, GPTConfig
+from gptjax.presets import config_from_dict
 from gptjax.cli.train import build_parser, main
 from gptjax.runs import RunSettings, resume_run, start_run
 from gptjax.training import TrainConfig, calc_loss_batch
@@ -58,7 +59,7 @@ def full_run(corpus, tmp_path_factory):
 
 def test_run_directory_has_every_file(full_run, corpus):
     config = json.loads((full_run / "config.json").read_text())
-    assert GPTConfig.from_dict(config["model"]) == GPT_CONFIG_124M.replace(
+    assert config_from_dict(config["model"]) == GPT_CONFIG_124M.replace(
         emb_dim=32, n_layers=1, n_heads=2, context_length=16)
     train = TrainConfig.from_dict(config["train"])
     assert (train.epochs, train.batch_size, train.stride, train.lr, train.weight_decay) == (2, 2, 16, 4e-4, 0.1)
@@ -145,7 +146,7 @@ def test_init_from_weights_takes_their_config(fmt, corpus, tmp_path):
                  "--batch-size", "2", "--max-steps", "1", "--start-context", "", "--out", str(out),
                  "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert GPTConfig.from_dict(config["model"]) == cfg.replace(drop_rate=0.0)
+    assert config_from_dict(config["model"]) == cfg.replace(drop_rate=0.0)
     assert config["data"]["init_from"] == str(weights)
     train_loader, _ = RunSettings.from_config(config).loaders()
     x, y = next(iter(train_loader))

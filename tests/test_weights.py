@@ -115,7 +115,7 @@ def test_pth_config_from_shapes_sidecar_or_given(tmp_path, params):
 def test_save_torch_writes_sidecar_and_roundtrips_bitwise(tmp_path, book_model, params):
     path = tmp_path / "out" / "model.pth"
     save_weights(params, CFG, path)  # torch, from the suffix
-    assert json.loads((path.parent / "model.config.json").read_text())["model"] == CFG.to_dict()
+    assert json.loads((path.parent / "model.config.json").read_text())["model"] == {"family": "gpt2", **CFG.to_dict()}
     reference = TorchGPTModel(CFG.to_dict())
     reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
     for k, v in book_model.state_dict().items():

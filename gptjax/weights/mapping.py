@@ -18,6 +18,7 @@ import numpy as np
 
 from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig
+from gptjax.presets import config_from_dict, config_to_dict
 from gptjax.model import Params, abstract_params
 from gptjax.weights.files import one_line
 
@@ -306,7 +307,7 @@ def _read_config_file(path: Path) -> GPTConfig | None:
     if not isinstance(d, dict) or "n_heads" not in d:
         return None
     try:
-        return GPTConfig.from_dict(d)
+        return config_from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} is not a valid gptjax config: {one_line(e)}") from None
 
@@ -321,7 +322,7 @@ def check_sidecar_free(weights_file: str | os.PathLike, overwrite: bool = False)
 
 def sidecar_text(cfg: GPTConfig) -> str:
     """What a weights file's own config file holds."""
-    return json.dumps({"format": "gptjax", "model": cfg.to_dict()}, indent=2) + "\n"
+    return json.dumps({"format": "gptjax", "model": config_to_dict(cfg)}, indent=2) + "\n"
 
 
 def write_sidecar(weights_file: str | os.PathLike, cfg: GPTConfig) -> None:
