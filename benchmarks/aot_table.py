@@ -4,6 +4,7 @@ continues). The README's accelerator table comes from ``benchmarks/results/aot.j
 
     python benchmarks/aot_table.py                   # every case below
     python benchmarks/aot_table.py --only xl         # cases whose name contains "xl"
+    python benchmarks/aot_table.py --only qwen3      # Qwen3-0.6B's cases
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "aot.json"
 
-# name -> python -m gptjax.aot flags; all at GPT-2's context of 1024.
+# name -> python -m gptjax.aot flags; GPT-2 at its context of 1024, Qwen3 and Llama 3.2 at 4096 (their presets'
+# 40,960 and 131,072 are long-context limits, not training windows) with 2 rows per device: the 8,192 tokens per
+# device of GPT-2's batch-8 rows.
 CASES = {
     "small-v5e-2x2-bf16-b8": "--target tpu-v5e:2x2 --preset gpt2-small --batch-size 8 --mesh fsdp=4 --dtype bfloat16",
     "small-h200x4-bf16-b8": "--target gpu-h200:4 --preset gpt2-small --batch-size 8 --mesh fsdp=4 --dtype bfloat16",
@@ -32,18 +35,27 @@ CASES = {
     "xl-v5e-2x4-fsdp-bf16-b16-remat": "--target tpu-v5e:2x4 --preset gpt2-xl --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
     "xl-h100x8-fsdp-bf16-b64": "--target gpu-h100:8 --preset gpt2-xl --batch-size 64 --mesh fsdp=8 --dtype bfloat16",
     "xl-h100x8-fsdp-bf16-b64-remat": "--target gpu-h100:8 --preset gpt2-xl --batch-size 64 --mesh fsdp=8 --dtype bfloat16 --remat",
+    "qwen3-0.6b-h100-bf16-b2-t4096-remat": "--target gpu-h100:1 --preset qwen3-0.6b --context-length 4096 --batch-size 2 --dtype bfloat16 --remat",
+    "qwen3-0.6b-h100-bf16-b2-t4096": "--target gpu-h100:1 --preset qwen3-0.6b --context-length 4096 --batch-size 2 --dtype bfloat16",
+    "qwen3-0.6b-h100x8-fsdp-bf16-b16-t4096-remat": "--target gpu-h100:8 --preset qwen3-0.6b --context-length 4096 --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
+    "qwen3-0.6b-v5e-2x4-fsdp-bf16-b16-t4096-remat": "--target tpu-v5e:2x4 --preset qwen3-0.6b --context-length 4096 --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
+    "llama-3.2-1b-h100-bf16-b2-t4096-remat": "--target gpu-h100:1 --preset llama-3.2-1b --context-length 4096 --batch-size 2 --dtype bfloat16 --remat",
+    "llama-3.2-1b-h100-bf16-b2-t4096": "--target gpu-h100:1 --preset llama-3.2-1b --context-length 4096 --batch-size 2 --dtype bfloat16",
+    "llama-3.2-1b-h100x8-fsdp-bf16-b16-t4096-remat": "--target gpu-h100:8 --preset llama-3.2-1b --context-length 4096 --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
+    "llama-3.2-1b-v5e-2x4-fsdp-bf16-b16-t4096-remat": "--target tpu-v5e:2x4 --preset llama-3.2-1b --context-length 4096 --batch-size 16 --mesh fsdp=8 --dtype bfloat16 --remat",
 }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="", help="run only the cases whose name contains this (default: all)")
+    p.add_argument("--only", default="", help="run (or with --markdown, print) only the cases whose name contains "
+                   "this (default: all)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file of results (default: {RESULTS})")
     p.add_argument("--markdown", action="store_true", help="print the results as the README's table, compile nothing")
     args = p.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if args.markdown:
-        print(markdown(results))
+        print(markdown({name: r for name, r in results.items() if args.only in name}))
         return 0
     for name, flags in CASES.items():
         if args.only not in name or name in results:

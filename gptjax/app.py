@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP app over a running engine: routes only. The request and response shapes (and
-GPT-2's plain-text chat template) are :mod:`gptjax.openai_api`'s; handing requests to the engine and streaming
+"""The OpenAI-compatible HTTP app over a running engine: routes only. The request and response shapes are
+:mod:`gptjax.openai_api`'s, chat formats :mod:`gptjax.chat`'s; handing requests to the engine and streaming
 the answers, :mod:`gptjax.completions`'; the engine, :mod:`gptjax.engine`. ``python -m gptjax.serve``
 (:mod:`gptjax.cli.serve`) runs it with uvicorn.
 """
@@ -13,30 +13,32 @@ import threading
 from pathlib import Path
 
 import uvicorn
-from tiktoken import Encoding
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gptjax.config import GPTConfig
+from gptjax.chat import GPT2_CHAT, ChatFormat
 from gptjax.completions import Completions, Metrics
 from gptjax.engine import Engine
 from gptjax.model import Params
 from gptjax.openai_api import (APIError, Sampling, model_list, parse_body, parse_prompts, parse_sampling, parse_text,
                                parse_token_ids, render_chat, tokenizer_card)
-from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer
+from gptjax.presets import ModelConfig
+from gptjax.tokenizer import Encoding, HFEncoding, get_tokenizer
 
 STATIC = Path(__file__).parent / "static"
 
 
-def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", max_batch: int = 8,
+def create_app(params: Params, cfg: ModelConfig, *, model_name: str = "gptjax", max_batch: int = 8,
                weights_dtype: str = "float32", dtype: str = "float32", max_queue: int = 64,
-               api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over a warmed-up, running :class:`Engine` (``app.state.engine``; stopped at shutdown)."""
-    tokenizer = get_tokenizer()
+               api_key: str | None = None, tokenizer: Encoding | HFEncoding | None = None,
+               chat: ChatFormat = GPT2_CHAT) -> FastAPI:
+    """The FastAPI app over a warmed-up, running :class:`Engine` (``app.state.engine``; stopped at shutdown).
+    ``tokenizer`` and ``chat`` are the model's (:func:`gptjax.chat.model_text`); GPT-2's by default."""
+    tokenizer = tokenizer or get_tokenizer()
     metrics = Metrics()
     engine = Engine(params, cfg, max_batch=max_batch, weights_dtype=weights_dtype, dtype=dtype,
-                    max_queue=max_queue, on_step=metrics.on_step)
+                    max_queue=max_queue, on_step=metrics.on_step, stop_ids=chat.stop_ids)
     engine.warm_up()
     engine.start()
     jobs = Completions(engine, tokenizer, cfg, metrics, model_name)
@@ -64,12 +66,13 @@ def create_app(params: Params, cfg: GPTConfig, *, model_name: str = "gptjax", ma
     async def api_error(request, e: APIError):
         return e.response()
 
-    _add_model_routes(app, tokenizer, cfg, metrics, model_name)
-    _add_completion_routes(app, jobs, tokenizer, cfg, model_name)
+    _add_model_routes(app, tokenizer, chat, cfg, metrics, model_name)
+    _add_completion_routes(app, jobs, tokenizer, chat, cfg, model_name)
     return app
 
 
-def _add_model_routes(app: FastAPI, tokenizer: Encoding, cfg: GPTConfig, metrics: Metrics, model_name: str) -> None:
+def _add_model_routes(app: FastAPI, tokenizer: Encoding | HFEncoding, chat: ChatFormat, cfg: ModelConfig,
+                      metrics: Metrics, model_name: str) -> None:
     """Health, metrics, the model list, the tokenizer and the page."""
 
     @app.get("/health")
@@ -88,7 +91,7 @@ def _add_model_routes(app: FastAPI, tokenizer: Encoding, cfg: GPTConfig, metrics
     @app.post("/tokenize")
     async def tokenize(request: HTTPRequest):
         body = parse_body(await request.body(), model_name)
-        tokens = tokenizer.encode(parse_text(body), allowed_special={"<|endoftext|>"})
+        tokens = tokenizer.encode(parse_text(body), allowed_special="all")
         return {"tokens": tokens, "count": len(tokens), "max_model_len": cfg.context_length}
 
     @app.post("/detokenize")
@@ -98,14 +101,15 @@ def _add_model_routes(app: FastAPI, tokenizer: Encoding, cfg: GPTConfig, metrics
 
     @app.get("/tokenizer_info")
     async def tokenizer_info():
-        return tokenizer_card(tokenizer.decode([ENDOFTEXT_ID]), cfg)
+        return tokenizer_card(tokenizer, chat, cfg)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return (STATIC / "index.html").read_text()
 
 
-def _add_completion_routes(app: FastAPI, jobs: Completions, tokenizer: Encoding, cfg: GPTConfig, model_name: str) -> None:
+def _add_completion_routes(app: FastAPI, jobs: Completions, tokenizer: Encoding | HFEncoding, chat: ChatFormat,
+                           cfg: ModelConfig, model_name: str) -> None:
     """The OpenAI completion endpoints: parsed requests handed to the engine through ``jobs``."""
 
     async def respond(prompts: list[list[int]], s: Sampling, chat: bool, body: dict):
@@ -118,14 +122,15 @@ def _add_completion_routes(app: FastAPI, jobs: Completions, tokenizer: Encoding,
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = parse_body(await request.body(), model_name)
-        s = parse_sampling(body, cfg, chat=False)
+        s = parse_sampling(body, chat=None)
         return await respond(parse_prompts(body, tokenizer, cfg.vocab_size), s, chat=False, body=body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
         body = parse_body(await request.body(), model_name)
-        s = parse_sampling(body, cfg, chat=True)
-        return await respond([tokenizer.encode(render_chat(body.get("messages")))], s, chat=True, body=body)
+        s = parse_sampling(body, chat=chat)
+        return await respond([tokenizer.encode(render_chat(body, chat), allowed_special="all")], s, chat=True,
+                             body=body)
 
 
 class Server(uvicorn.Server):

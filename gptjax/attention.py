@@ -74,19 +74,27 @@ def causal_attention(
     ``dropout`` is applied to the attention weights, as in the book. Scores and softmax are
     float32 whatever the input dtype.
     """
+    batch, q_len, heads, head_dim = q.shape
     groups = k.shape[1 if kv_heads_major else 2]
-    if groups != q.shape[2]:  # grouped-query attention (Llama 3, Qwen3): each key/value head serves
-        # heads // groups query heads, in the order of the book's repeat_interleave
-        k, v = (jnp.repeat(x, q.shape[2] // groups, axis=1 if kv_heads_major else 2) for x in (k, v))
     kv = "bhkd" if kv_heads_major else "bkhd"
-    head_dim = q.shape[-1]
-    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+    if groups != heads:  # grouped-query attention (Llama 3, Qwen3): each key/value head serves the
+        # heads // groups query heads next to each other (the book's repeat_interleave), here as one more
+        # axis of the matmul rather than repeated keys and values, which would copy a KV cache every step
+        kv = kv.replace("h", "g")
+        q = q.reshape(batch, q_len, groups, heads // groups, head_dim)
+        scores = jnp.einsum(f"bqgrd,{kv}->bgrqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(batch, heads, q_len, -1) / math.sqrt(head_dim)
+    else:
+        scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
     q_pos = jnp.asarray(q_offset)[..., None, None, None] + jnp.arange(q.shape[1])[:, None]  # [(batch, 1,) q, 1]
     k_pos = jnp.arange(k.shape[2 if kv_heads_major else 1])[None, :]
     scores = jnp.where(k_pos <= q_pos, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout is not None:
         weights = dropout(weights)
+    if groups != heads:
+        weights = weights.reshape(batch, groups, heads // groups, q_len, -1)
+        return jnp.einsum(f"bgrqk,{kv}->bqgrd", weights.astype(v.dtype), v).reshape(batch, q_len, heads, -1)
     return jnp.einsum(f"bhqk,{kv}->bqhd", weights.astype(v.dtype), v)
 
 

@@ -23,7 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from gptjax.tokenizer import ENDOFTEXT_ID
+from gptjax.presets import ModelConfig, family_of
+from gptjax.tokenizer import ENDOFTEXT_ID, Encoding, HFEncoding, get_tokenizer, load_tokenizer
 
 PLAIN_TEXT_STOP = "\nUser:"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -111,3 +112,15 @@ def _json(path: Path) -> dict:
 def _content(token: str | dict) -> str:
     """A special token as tokenizer_config.json gives it: its text, or an AddedToken dict with ``content``."""
     return token["content"] if isinstance(token, dict) else token
+
+
+def model_text(cfg: ModelConfig, folder: str | os.PathLike | None) -> tuple[Encoding | HFEncoding, ChatFormat]:
+    """A model's tokenizer and chat format: GPT-2's bundled ones for a GPT-2 config, else those of the
+    tokenizer files in ``folder`` (:func:`gptjax.weights.tokenizer_folder` finds it beside the weights)."""
+    if family_of(cfg) == "gpt2":
+        return get_tokenizer(), GPT2_CHAT
+    if folder is None:
+        raise ValueError(f"a {family_of(cfg)} model needs its tokenizer files (tokenizer.json, tokenizer_config.json) "
+                         "beside its weights; copy them from the folder its weights came from")
+    encoding = load_tokenizer(folder)
+    return encoding, load_chat_format(folder, encoding)

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gptjax.config import GPTConfig
+from gptjax.presets import ModelConfig
 from gptjax.engine import Engine, Request, ScoreRequest, split_logprobs
 from gptjax.openai_api import (APIError, Choice, Sampling, TextTracker, chunk_body, completion_id, finish_reason,
                                greedy_token, is_done, joined, logprobs_block, refresh, sse, text_offsets, usage)
@@ -67,7 +67,7 @@ class Completions:
     """Completion jobs over one running engine: :meth:`submit` checks and hands a request to it, then
     :meth:`complete` or :meth:`stream` answers it."""
 
-    def __init__(self, engine: Engine, tokenizer, cfg: GPTConfig, metrics: Metrics, model_name: str):
+    def __init__(self, engine: Engine, tokenizer, cfg: ModelConfig, metrics: Metrics, model_name: str):
         self.engine, self.tokenizer, self.cfg, self.metrics, self.model_name = engine, tokenizer, cfg, metrics, model_name
 
     # --- handing a request to the engine -------------------------------------------------------------
@@ -128,7 +128,7 @@ class Completions:
                     choice.finish = choice.finish or why or "error"
                 else:
                     choice.prompt_logprobs = [None] + [split_logprobs(row, s.logprobs) for row in info[:-1]]
-                    if self._one_greedy(s) and greedy_token(choice, info[-1], s):
+                    if self._one_greedy(s) and greedy_token(choice, info[-1], s, self.engine.stop_ids):
                         self.metrics.generated_tokens.inc()
                 choice.scored = True
             for index in range(first, first + len(group)):

@@ -12,6 +12,10 @@ class Settings:
     plain dict a run directory stores, read back with unknown fields refused."""
 
     def replace(self, **changes) -> Self:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no {', '.join(sorted(unknown))} setting (the model has "
+                             "no such part); leave it out")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tiktoken
@@ -356,16 +357,22 @@ class DataSource:
 
 
 def build_loaders(source: DataSource, *, context_length: int, batch_size: int, stride: int | None = None,
-                  train_ratio: float = 0.9, shuffle: bool = True, seed: int = 123) -> tuple[DataLoader, DataLoader]:
+                  train_ratio: float = 0.9, shuffle: bool = True, seed: int = 123,
+                  tokenizer: Any = None) -> tuple[DataLoader, DataLoader]:
     """The book's loaders over ``source``: training batches shuffled every epoch (last partial batch dropped),
-    validation batches in order; each checked to give at least one batch, before any training."""
+    validation batches in order; each checked to give at least one batch, before any training. A text corpus
+    is tokenized with ``tokenizer`` (None: GPT-2's); token files and shards hold GPT-2 tokens, so a model with a
+    tokenizer of its own trains on text."""
+    if tokenizer is not None and source.corpus is None and (source.data_dir or source.train_tokens):
+        raise ValueError("data_dir, train_tokens and val_tokens hold GPT-2 tokens; a model with other tokens "
+                         "trains on a text corpus")
     return loaders_of_splits(source.splits(train_ratio), context_length=context_length, batch_size=batch_size,
-                             stride=stride, shuffle=shuffle, seed=seed)
+                             stride=stride, shuffle=shuffle, seed=seed, tokenizer=tokenizer)
 
 
 def loaders_of_splits(splits: tuple[tuple[np.ndarray | TokenShards | str, str], ...], *, context_length: int,
                       batch_size: int, stride: int | None = None, shuffle: bool = True,
-                      seed: int = 123) -> tuple[DataLoader, DataLoader]:
+                      seed: int = 123, tokenizer: Any = None) -> tuple[DataLoader, DataLoader]:
     """:func:`build_loaders` over splits already read (:meth:`DataSource.splits`), e.g. before slower work
     that decides the context length."""
     loaders = []
@@ -373,7 +380,7 @@ def loaders_of_splits(splits: tuple[tuple[np.ndarray | TokenShards | str, str], 
         try:
             loader = create_dataloader(tokens, batch_size=batch_size, max_length=context_length,
                                        stride=stride or context_length, shuffle=train and shuffle, drop_last=train,
-                                       seed=seed)
+                                       seed=seed, tokenizer=tokenizer)
         except TooFewTokensError as e:
             raise ValueError(f"{name} has {e.n_tokens} tokens, fewer than one window of context_length + 1 = "
                              f"{e.needed}; use more data or a smaller context_length") from None

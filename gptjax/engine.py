@@ -204,14 +204,15 @@ class Engine:
 
     def __init__(self, params: Params, cfg: GPTConfig, *, max_batch: int = 8, weights_dtype: str = "float32",
                  dtype: str = "float32", max_queue: int = 64, on_step: Callable[[int, int], None] | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, burst_steps: int = BURST_STEPS):
+                 prefill_chunk: int = PREFILL_CHUNK, burst_steps: int = BURST_STEPS,
+                 stop_ids: frozenset[int] = frozenset({ENDOFTEXT_ID})):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
         if burst_steps < 1:
             raise ValueError(f"burst_steps must be at least 1, got {burst_steps}")
-        self.burst_steps = burst_steps
+        self.burst_steps, self.stop_ids = burst_steps, stop_ids
         self.cfg, self.max_batch, self.dtype = cfg, max_batch, jnp.dtype(dtype).name
         self.prefill_chunk = min(prefill_chunk, cfg.context_length)
         self.params = quantize_params(params, weights_dtype)
@@ -312,7 +313,7 @@ class Engine:
         r = s.request
         r.generated += 1
         s.token, s.pos = token, s.pos + 1
-        if token == ENDOFTEXT_ID and not r.ignore_eos:
+        if token in self.stop_ids and not r.ignore_eos:
             self._finish(index, "stop")
             return
         # A step computes log-probs for every row when any request asked for them; a request hears only its own.

@@ -1,10 +1,7 @@
-"""The OpenAI API's request and response shapes, as plain functions: parsing and checking a request's fields,
-the chat template, a choice's text as tokens arrive (stop strings, UTF-8 held back), log-prob blocks, response
-bodies and SSE chunks. Nothing here runs a model or holds state beyond one request.
-
-Chat template (GPT-2 is a base model, so a conversation is plain text it continues): a system message's
-content, then a blank line; each user / assistant message as ``User: TEXT`` / ``Assistant: TEXT`` on its own
-line; then ``Assistant:``. Generation stops at ``\\nUser:`` as well as any ``stop`` given.
+"""The OpenAI API's request and response shapes, as plain functions: parsing and checking a request's fields
+(a chat's messages, rendered by the model's :class:`gptjax.chat.ChatFormat`), a choice's text as tokens arrive
+(stop strings, UTF-8 held back), log-prob blocks, response bodies and SSE chunks. Nothing here runs a model or
+holds state beyond one request.
 """
 
 from __future__ import annotations
@@ -16,11 +13,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from gptjax.config import GPTConfig
+from gptjax.chat import ChatFormat
 from gptjax.engine import MAX_LOGPROBS, split_logprobs
-from gptjax.tokenizer import ENDOFTEXT_ID
-
-CHAT_STOP = "\nUser:"
+from gptjax.presets import ModelConfig, family_of
 
 
 class APIError(Exception):
@@ -67,31 +62,36 @@ def parse_token_ids(body: dict, vocab_size: int) -> list[int]:
     return tokens
 
 
-def tokenizer_card(end_of_text: str, cfg: GPTConfig) -> dict:
-    """GPT-2's tokenizer as vLLM's /tokenizer_info describes one (it adds no special tokens)."""
-    return {"tokenizer_class": "GPT2Tokenizer", "eos_token": end_of_text, "bos_token": end_of_text,
-            "unk_token": end_of_text, "pad_token": None, "model_max_length": cfg.context_length,
-            "vocab_size": cfg.vocab_size}
+def tokenizer_card(tokenizer, chat: ChatFormat, cfg: ModelConfig) -> dict:
+    """The model's tokenizer as vLLM's /tokenizer_info describes one (gptjax adds no special tokens)."""
+    eos = chat.special_tokens.get("eos_token") or tokenizer.decode([min(chat.stop_ids)])
+    gpt2 = family_of(cfg) == "gpt2"
+    return {"tokenizer_class": "GPT2Tokenizer" if gpt2 else "PreTrainedTokenizerFast", "eos_token": eos,
+            "bos_token": eos if gpt2 else chat.special_tokens.get("bos_token"), "unk_token": eos if gpt2 else None,
+            "pad_token": None, "model_max_length": cfg.context_length, "vocab_size": cfg.vocab_size}
 
 
-def model_list(model_name: str, cfg: GPTConfig) -> dict:
+def model_list(model_name: str, cfg: ModelConfig) -> dict:
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "gptjax",
                                         "context_length": cfg.context_length}]}
 
 
-def render_chat(messages: Any) -> str:
-    """The plain-text prompt of a chat (the module docstring's template)."""
+def render_chat(body: dict, chat: ChatFormat) -> str:
+    """The prompt text of a chat request: its ``messages`` through the model's chat format, with
+    ``chat_template_kwargs`` (vLLM's field; Qwen3's ``enable_thinking``, say) passed to the template."""
+    messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-    parts = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in (
                 "system", "user", "assistant"):
             raise APIError(400, f"messages[{i}] must be an object with 'role' system, user or assistant and a "
                            "string 'content'", f"messages[{i}]")
-        role, content = m["role"], m["content"]
-        parts.append(f"{content}\n\n" if role == "system" else f"{role.capitalize()}: {content}\n")
-    return "".join(parts) + "Assistant:"
+    kwargs = _field(body, "chat_template_kwargs", (dict,), {})
+    try:
+        return chat.render([{"role": m["role"], "content": m["content"]} for m in messages], **kwargs)
+    except Exception as e:  # the template's own raise_exception, or one the kwargs provoke
+        raise APIError(400, f"the model's chat template refused the messages: {e}", "messages") from None
 
 
 @dataclass
@@ -120,8 +120,9 @@ def _field(body: dict, name: str, kinds: tuple, default: Any) -> Any:
     return value
 
 
-def parse_sampling(body: dict, cfg: GPTConfig, *, chat: bool) -> Sampling:
-    """The sampling fields of a request, each checked, with OpenAI's defaults."""
+def parse_sampling(body: dict, *, chat: ChatFormat | None) -> Sampling:
+    """The sampling fields of a request (``chat``: a chat request's format, whose stop strings it adds), each
+    checked, with OpenAI's defaults."""
     max_tokens = _field(body, "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
                         (int,), 16)
     echo = False if chat else _field(body, "echo", (bool,), False)
@@ -152,7 +153,7 @@ def parse_sampling(body: dict, cfg: GPTConfig, *, chat: bool) -> Sampling:
         logprobs = _field(body, "logprobs", (int,), None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise APIError(400, f"'logprobs' must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
-    return Sampling(max_tokens, temperature, top_p, max(top_k, 0), stop + ([CHAT_STOP] if chat else []),
+    return Sampling(max_tokens, temperature, top_p, max(top_k, 0), stop + list(chat.stop if chat else ()),
                     random.getrandbits(31) if seed is None else seed, n, _field(body, "stream", (bool,), False),
                     echo, logprobs,
                     _field(body, "ignore_eos", (bool,), False))
@@ -170,7 +171,7 @@ def parse_prompts(body: dict, tokenizer, vocab_size: int) -> list[list[int]]:
     out = []
     for p in prompt:
         if isinstance(p, str):
-            ids = tokenizer.encode(p, allowed_special={"<|endoftext|>"})
+            ids = tokenizer.encode(p, allowed_special="all")
         elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             if any(not 0 <= t < vocab_size for t in p):
                 raise APIError(400, f"'prompt' token ids must lie in [0, {vocab_size})", "prompt")
@@ -243,11 +244,11 @@ class TextTracker:
         return text[: max(0, len(text) - hold)]
 
 
-def greedy_token(choice: Choice, info, s: Sampling) -> bool:
+def greedy_token(choice: Choice, info, s: Sampling, stop_ids: frozenset[int]) -> bool:
     """The argmax after the prompt, from a scoring pass's last log-prob block, as the choice's one token
     (False: it was the end of text, which ends the choice without a token)."""
     token = int(info[1 + MAX_LOGPROBS])  # the first of the top ids
-    if token == ENDOFTEXT_ID and not s.ignore_eos:
+    if token in stop_ids and not s.ignore_eos:
         choice.finish = "stop"
         return False
     choice.logprobs.append((float(info[1]), split_logprobs(info, s.logprobs)[1]))

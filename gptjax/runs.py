@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -27,7 +28,8 @@ from tqdm.auto import tqdm
 from gptjax import hellaswag, sharding
 from gptjax.atomic import atomic_file
 from gptjax.checkpoint import CHECKPOINTS, checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
-from gptjax.presets import ModelConfig, config_from_dict, config_to_dict
+from gptjax.presets import ModelConfig, config_from_dict, config_to_dict, family_of
+from gptjax.tokenizer import TOKENIZER_FILES, get_tokenizer, load_tokenizer
 from gptjax.dashboard import Dashboards, check_wandb, new_wandb_id
 from gptjax.data import DataLoader, DataSource, build_loaders
 from gptjax.model import Params, abstract_params, init_params, param_count
@@ -46,6 +48,7 @@ from gptjax.training import (
 )
 
 METRICS, SAMPLES, CONFIG = "metrics.jsonl", "samples.txt", "config.json"
+TOKENIZER_DIR = "tokenizer"
 HELLASWAG_EVERY = 250
 
 
@@ -128,19 +131,35 @@ class RunSettings:
     data: DataSource
     init_from: str | None = None
     monitoring: Monitoring = Monitoring()
+    tokenizer: str | None = None  # the folder of the model's tokenizer files; None: GPT-2's bundled one
 
     @classmethod
     def from_config(cls, config: dict) -> "RunSettings":
         """The settings a run directory's config.json records."""
         return cls(config_from_dict(config["model"]), TrainConfig.from_dict(config["train"]),
                    DataSource.from_dict(config["data"]), config["data"].get("init_from"),
-                   Monitoring(**config.get("monitoring", {})))
+                   Monitoring(**config.get("monitoring", {})), config["data"].get("tokenizer"))
+
+    def encoding(self) -> Any:
+        """The tokenizer of the run's text (its model's own, or GPT-2's)."""
+        if self.tokenizer is None:
+            if family_of(self.cfg) != "gpt2":
+                raise ValueError(f"a {family_of(self.cfg)} model trains on its own tokenizer's tokens: give "
+                                 "RunSettings.tokenizer, the folder of its tokenizer.json or tokenizer.model")
+            return get_tokenizer()
+        encoding = load_tokenizer(self.tokenizer)
+        if encoding.n_vocab > self.cfg.vocab_size:
+            raise ValueError(f"the tokenizer in {self.tokenizer} has {encoding.n_vocab} tokens, more than the model's "
+                             f"vocabulary of {self.cfg.vocab_size}; it is not this model's tokenizer")
+        return encoding
 
     def loaders(self) -> tuple[DataLoader, DataLoader]:
         """The run's (training, validation) loaders, the batches its steps read."""
         tcfg = self.tcfg
         return build_loaders(self.data, context_length=self.cfg.context_length, batch_size=tcfg.batch_size,
-                             stride=tcfg.stride, train_ratio=tcfg.train_ratio, shuffle=tcfg.shuffle, seed=tcfg.seed)
+                             stride=tcfg.stride, train_ratio=tcfg.train_ratio, shuffle=tcfg.shuffle, seed=tcfg.seed,
+                             tokenizer=None if self.tokenizer is None and family_of(self.cfg) == "gpt2"
+                             else self.encoding())
 
 
 def start_run(settings: RunSettings, *, out_dir: str | Path | None = None, params: Params | None = None,
@@ -154,6 +173,8 @@ def start_run(settings: RunSettings, *, out_dir: str | Path | None = None, param
                                    monitoring=settings.monitoring.checked())
     checked = _check(settings, mesh)
     run_dir = make_run_dir(out_dir)  # only once the data is known to be usable
+    if settings.tokenizer is not None:  # the run keeps its own copy: generate, serve and resume read it
+        settings = dataclasses.replace(settings, tokenizer=str(_copy_tokenizer(Path(settings.tokenizer), run_dir)))
     sharding.sync_processes("gptjax.runs: settings checked")  # before process 0 writes anything
     optimizer = make_optimizer(tcfg, tcfg.epochs * checked.n_steps)
     init_key, key = run_keys(tcfg.seed)
@@ -208,7 +229,7 @@ def _check(settings: RunSettings, mesh: Mesh | None) -> _Checked:
                          f"{tcfg.grad_accum}; lower grad_accum or batch_size")
     examples, path = None, settings.monitoring.hellaswag
     if path is not None:
-        examples = hellaswag.load_examples(path)
+        examples = hellaswag.load_examples(path, settings.encoding())
         hellaswag.check_fits(examples, cfg, path)
     return _Checked(loaders, n_steps, examples)
 
@@ -247,7 +268,7 @@ def _train(run_dir: Path, settings: RunSettings, checked: _Checked, optimizer: o
             result = train_model_simple(
                 params, cfg, train_loader, val_loader, tcfg, optimizer=optimizer, opt_state=opt_state,
                 train_step=train_step, start=position, key=key, hooks=hooks, progress=progress,
-                peak_tflops=peak_tflops,
+                peak_tflops=peak_tflops, tokenizer=settings.encoding() if tcfg.start_context else None,
             )
     finally:
         hooks.close()
@@ -389,7 +410,7 @@ def write_config(run_dir: Path, settings: RunSettings, n_steps: int, train_batch
     config = {
         "model": config_to_dict(settings.cfg),
         "train": settings.tcfg.to_dict(),
-        "data": {**settings.data.to_dict(), "init_from": settings.init_from},
+        "data": {**settings.data.to_dict(), "init_from": settings.init_from, "tokenizer": settings.tokenizer},
         "steps_per_epoch": n_steps,
         "total_steps": settings.tcfg.epochs * n_steps,
         "train_batches": train_batches,
@@ -397,6 +418,18 @@ def write_config(run_dir: Path, settings: RunSettings, n_steps: int, train_batch
         "monitoring": dataclasses.asdict(settings.monitoring),
     }
     _atomic_write(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+
+
+def _copy_tokenizer(folder: Path, run_dir: Path) -> Path:
+    """The tokenizer files of ``folder`` copied into the run's ``tokenizer/`` (Meta's original/tokenizer.model
+    too), where :func:`gptjax.weights.tokenizer_folder` finds them."""
+    copy = run_dir / TOKENIZER_DIR
+    copy.mkdir()
+    for name in TOKENIZER_FILES:
+        source = next((f for f in (folder / name, folder / "original" / name) if f.is_file()), None)
+        if source is not None:
+            shutil.copyfile(source, copy / name)
+    return copy.absolute()
 
 
 def make_run_dir(out_dir: str | Path | None) -> Path:

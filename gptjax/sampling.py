@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import warnings
+from collections.abc import Collection
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -271,7 +272,7 @@ def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int, *, grow: bool
 class _Sampler(NamedTuple):
     """How each new token is chosen: arrays, one value per row (one compiled program serves every value)."""
 
-    eos_id: jax.Array  # int32; < 0: no eos
+    eos_ids: jax.Array  # int32 [k]: the ids that end a row (-1: none)
     keys: jax.Array  # [batch] keys (row_keys)
     temperature: jax.Array  # [batch] float32
     top_k: jax.Array  # [batch] int32; 0: off
@@ -289,16 +290,16 @@ class _State(NamedTuple):
 
 def _write_next(state: _State, logits: jax.Array, sampler: _Sampler, *, greedy: bool) -> _State:
     """Choose the token at position `length` from the logits that predict it and write it; rows already
-    stopped repeat eos."""
+    stopped repeat the id they stopped at."""
     tokens, cache, done, length = state
     if greedy:
         picked = sample_next(logits, None)
     else:
         picked = sample_rows(logits, position_keys(sampler.keys, length), sampler.temperature, sampler.top_k,
                              sampler.top_p)
-    next_id = jnp.where(done, sampler.eos_id, picked)
+    next_id = jnp.where(done, jax.lax.dynamic_index_in_dim(tokens, length - 1, axis=1, keepdims=False), picked)
     tokens = jax.lax.dynamic_update_slice(tokens, next_id[:, None], (0, length))
-    return _State(tokens, cache, done | (next_id == sampler.eos_id), length + 1)
+    return _State(tokens, cache, done | jnp.isin(next_id, sampler.eos_ids), length + 1)
 
 
 def _running(state: _State, end: jax.Array) -> jax.Array:
@@ -382,12 +383,12 @@ def _decode_sliding(params: Params, cfg: GPTConfig, tokens: jax.Array, done: jax
     return state.tokens, state.length
 
 
-def _sampler_shapes(batch: int) -> _Sampler:
-    """The abstract sampler of ``batch`` rows (what the decode programs are compiled for)."""
+def _sampler_shapes(batch: int, n_eos: int = 1) -> _Sampler:
+    """The abstract sampler of ``batch`` rows and ``n_eos`` end ids (what the decode programs are compiled for)."""
     def rows(dtype):
         return jax.ShapeDtypeStruct((batch,), dtype)
     keys = jax.eval_shape(lambda: row_keys(jax.random.key(0), batch))
-    return _Sampler(jax.ShapeDtypeStruct((), jnp.int32), keys, rows(jnp.float32), rows(jnp.int32), rows(jnp.float32))
+    return _Sampler(jax.ShapeDtypeStruct((n_eos,), jnp.int32), keys, rows(jnp.float32), rows(jnp.int32), rows(jnp.float32))
 
 
 def _state_shapes(cfg: GPTConfig, batch: int, slots: int) -> _State:
@@ -415,7 +416,7 @@ class _Programs:
         weights = tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None))
                         for leaf in jax.tree_util.tree_leaves(params))
         self._key = (cfg, jax.tree_util.tree_structure(params), weights, jax.random.key_impl(sampler.keys),
-                     tuple(sorted(static.items())))
+                     sampler.eos_ids.shape, tuple(sorted(static.items())))
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gptjax-compile")
 
     def bucket(self, batch: int, previous: int, slots: int) -> concurrent.futures.Future:
@@ -468,8 +469,11 @@ def _check_generate_settings(cfg: GPTConfig, max_new_tokens: Any, temperature: A
     _check_top_k(top_k, cfg.vocab_size)
     _check_top_p(top_p)
     check_weights_dtype(weights_dtype)
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}) or None, got {eos_id!r}")
+    ids = [eos_id] if isinstance(eos_id, (int, np.integer)) else eos_id
+    if ids is not None and (not ids or not all(isinstance(i, (int, np.integer)) and 0 <= i < cfg.vocab_size
+                                               for i in ids)):
+        raise ValueError(f"eos_id must be a token id in [0, {cfg.vocab_size}), a non-empty collection of them, "
+                         f"or None, got {eos_id!r}")
     if float(temperature) != 0.0 and rng is None:
         raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(seed) (or an int seed)")
 
@@ -483,7 +487,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     rng: jax.Array | int | None = None,
     weights_dtype: str = "float32",
 ) -> np.ndarray:
@@ -492,8 +496,9 @@ def generate(
 
     ``temperature`` 0 is greedy (the book's ``generate_text_simple``); above 0, tokens are drawn
     from ``softmax(logits / temperature)`` after optional ``top_k`` / ``top_p`` filtering, with the
-    jax key ``rng`` (or an int seed). With ``eos_id``, a row that emits it stops (its later
-    positions hold ``eos_id``) and the call returns early, after the step at which the last row
+    jax key ``rng`` (or an int seed). With ``eos_id`` (an id, or several: a Llama 3 or Qwen3 model's
+    end-of-turn and end-of-text), a row that emits one stops (its later positions repeat that id)
+    and the call returns early, after the step at which the last row
     stopped. Prompts longer than the context are fine: the model sees the last
     ``context_length`` tokens, as in the book.
 
@@ -522,7 +527,8 @@ def generate(
 
     greedy_static = dict(greedy=greedy)
     batch = ids.shape[0]
-    sampler = _Sampler(np.int32(-1 if eos_id is None else eos_id), row_keys(key, batch),
+    eos_ids = [-1] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else sorted(eos_id)
+    sampler = _Sampler(np.asarray(eos_ids, np.int32), row_keys(key, batch),
                        np.full(batch, temperature, np.float32), np.full(batch, top_k or 0, np.int32),
                        np.full(batch, 1.0 if top_p is None else top_p, np.float32))
     end = np.int32(prompt_len + max_new_tokens)

@@ -21,7 +21,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import model
-from gptjax.config import GPTConfig
+from gptjax.presets import ModelConfig
 # split_over_batch lives below gptjax.model, which calls it; it is a mesh tool all the same, so named here too.
 from gptjax.mesh_axes import BATCH_AXES, MESH_AXES, split_over_batch  # noqa: F401
 
@@ -71,9 +71,12 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
     |                                        | divides, over ``fsdp``            |
     | vectors, scalars, indivisible matrices | replicated                        |
 
-    (GPT-2's vocabulary of 50,257 is odd, so the embedding and output head split along emb_dim.)
+    (GPT-2's vocabulary of 50,257 is odd, so its embedding and output head split along emb_dim; Qwen3's
+    151,936 and Llama 3's 128,256 split along the vocabulary, where a tied head is that same matrix.)
 
-    Because the rule looks only at shapes, AdamW's moments get the shardings of their parameters.
+    Because the rule looks only at shapes, it holds for every family's tree (RMSNorm scales are vectors,
+    grouped-query attention's narrower W_key/W_value are matrices like any other), and AdamW's moments get
+    the shardings of their parameters.
     """
     if fsdp_size == 1 or len(shape) < 2:
         return P()
@@ -96,7 +99,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def abstract_state(
-    cfg: GPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
+    cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh | None = None
 ) -> tuple[model.Params, Any]:
     """(params, optimizer state) as ShapeDtypeStructs carrying their shardings on ``mesh`` (none without one).
 
@@ -113,7 +116,7 @@ def abstract_state(
     return with_shardings(params), with_shardings(opt_state)
 
 
-def init_sharded_params(cfg: GPTConfig, key: jax.Array, mesh: Mesh) -> model.Params:
+def init_sharded_params(cfg: ModelConfig, key: jax.Array, mesh: Mesh) -> model.Params:
     """Freshly initialised parameters, each created directly in its shards (never whole on one device),
     with the same values as :func:`gptjax.model.init_params` gives on one device."""
     shardings = tree_shardings(mesh, model.abstract_params(cfg))
@@ -137,7 +140,7 @@ def shard_params(params: model.Params, mesh: Mesh) -> model.Params:
 
 
 def train_step_jit_kwargs(
-    mesh: Mesh, cfg: GPTConfig, optimizer: optax.GradientTransformation, grad_accum: int = 1
+    mesh: Mesh, cfg: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int = 1
 ) -> dict[str, Any]:
     """``in_shardings``/``out_shardings`` for :func:`gptjax.training.make_train_step` on ``mesh``.
 

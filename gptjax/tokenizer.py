@@ -78,6 +78,9 @@ LLAMA3_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_hea
 LLAMA3_N_SPECIALS = 256
 
 Encoding = tiktoken.Encoding  # or HFEncoding: what load_tokenizer returns
+# A model folder's tokenizer and chat files (what load_tokenizer and gptjax.chat read; a run directory keeps copies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja")
 
 
 class HFEncoding:

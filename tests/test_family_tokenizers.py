@@ -1,24 +1,15 @@
-"""The families' tokenizers and chat templates against transformers' own.
-
-No downloads here, so the tokenizers are small stand-ins built the published way: a Qwen3-style byte-level BPE
-``tokenizer.json`` (NFC, Qwen's split pattern, its special and added tokens) trained on the-verdict, and a Llama
-3-style tiktoken ``original/tokenizer.model`` (GPT-2's first ranks, Llama 3's special tokens after them). The
-chat templates are the published ones (tests/data: Qwen3-0.6B's and Llama 3.2 Instruct's, as llama.cpp's
-repository keeps them).
-"""
+"""The families' tokenizers and chat templates against transformers' own, on stand-ins built the published way
+(tests/family_files.py)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from gptjax.chat import GPT2_CHAT, load_chat_format
-from gptjax.tokenizer import LLAMA3_N_SPECIALS, HFEncoding, _byte_of_char, asset_path, load_tokenizer
+from gptjax.tokenizer import LLAMA3_N_SPECIALS, HFEncoding, _byte_of_char, load_tokenizer
+from tests.family_files import DATA, LLAMA_RANKS, write_llama_tiktoken, write_qwen_tokenizer
 
 transformers = pytest.importorskip("transformers")
-DATA = Path(__file__).parent / "data"
-QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 TEXTS = [
     "Hello  world!\n\n naïve café 日本 😀 12345",
     "I HAD always thought Jack Gisburn rather a cheap genius--though a good fellow enough",
@@ -36,39 +27,15 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def qwen_folder(tmp_path_factory):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator([asset_path("the-verdict.txt").read_text()], trainer)
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.add_tokens(["<think>", "</think>"])  # added but not special, as in Qwen3's tokenizer.json
     folder = tmp_path_factory.mktemp("qwen3-tokenizer")
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "bos_token": None, "chat_template": (DATA / "qwen3-0.6b.jinja").read_text()}))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.token_to_id("<|im_end|>"),
-                                                                                tok.token_to_id("<|endoftext|>")]}))
+    write_qwen_tokenizer(folder)
     return folder
-
-
-LLAMA_RANKS = 1000
 
 
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
-    """Meta's layout: tiktoken ranks in original/tokenizer.model; no tokenizer_config.json, so the special
-    tokens are Llama 3's, numbered after the ranks."""
     folder = tmp_path_factory.mktemp("llama3-tokenizer")
-    (folder / "original").mkdir()
-    lines = asset_path("gpt2.tiktoken").read_text().splitlines()[:LLAMA_RANKS]
-    (folder / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    write_llama_tiktoken(folder)
     return folder
 
 

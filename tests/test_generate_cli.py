@@ -91,8 +91,7 @@ def test_eos_flag_stops_generation(capsys, eos_pth):
     [
         (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
         (["--temperature", "-1"], "--temperature must be at least 0 (0 is greedy), got -1.0"),
-        (["--top-k", "-2"], "--top-k must be between 0 (off) and the vocabulary size 50257, got -2"),
-        (["--top-k", "999999"], "--top-k must be between 0 (off) and the vocabulary size 50257, got 999999"),
+        (["--top-k", "-2"], "--top-k must be between 0 (off) and the model's vocabulary size, got -2"),
         (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 0, got -1"),
         (["--prompt", ""], "--prompt is empty"),
     ],
@@ -107,6 +106,13 @@ def test_bad_settings_are_one_line_errors(capsys, torch_pth, extra, message, mon
     code, out, err = run(capsys, "--weights", path, "--prompt", PROMPT, *extra)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_top_k_past_the_models_vocabulary_is_a_one_line_error(capsys, torch_pth):
+    """The bound is the model's vocabulary, known once its config is read."""
+    code, out, err = run(capsys, "--weights", torch_pth[1], "--prompt", PROMPT, "--top-k", "999999", "--n-heads", "1")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--top-k must be between 0 (off) and the model's vocabulary size 50257, got 999999" in err
 
 
 def test_missing_weights_path_from_the_command_line(tmp_path):

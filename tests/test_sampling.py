@@ -187,14 +187,14 @@ def test_seeds(model):
 # --- eos -----------------------------------------------------------------------------------------
 
 
-def stop_at_eos(tokens, prompt_len, eos_id):
-    """What eos handling must turn an eos-free run into: each row frozen at eos after its first
-    eos, the array cut after the step at which the last row stopped."""
+def stop_at_eos(tokens, prompt_len, eos_ids):
+    """What eos handling must turn an eos-free run into: each row frozen at the first of its eos ids,
+    the array cut after the step at which the last row stopped."""
     out, ends = tokens.copy(), []
     for row in out:
-        hits = np.flatnonzero(row[prompt_len:] == eos_id)
+        hits = np.flatnonzero(np.isin(row[prompt_len:], eos_ids))
         if len(hits):
-            row[prompt_len + hits[0] :] = eos_id
+            row[prompt_len + hits[0] :] = row[prompt_len + hits[0]]
             ends.append(prompt_len + hits[0] + 1)
         else:
             ends.append(len(row))
@@ -211,6 +211,17 @@ def test_eos_stops_each_row(model, temperature):
     got = generate(params, CFG, ids, new, eos_id=eos_id, **kwargs)
     np.testing.assert_array_equal(got, stop_at_eos(free, 5, eos_id))
     assert got[0, 5:8].tolist().count(eos_id) >= 1 and np.all(got[0, 8:] == eos_id)
+
+
+def test_several_eos_ids_stop_a_row_at_the_first_it_emits(model):
+    """Llama 3 and Qwen3 end a turn at any of several ids (end of turn, end of text)."""
+    _, params = model
+    ids, new = prompt(3, 5, seed=3), 20
+    free = generate(params, CFG, ids, new)
+    eos_ids = {int(free[1, 5 + 1]), int(free[2, 5 + 4])}
+    got = generate(params, CFG, ids, new, eos_id=eos_ids)
+    np.testing.assert_array_equal(got, stop_at_eos(free, 5, sorted(eos_ids)))
+    assert got[1, 5 + 1] in eos_ids and len(set(got[1, 5 + 1:])) == 1
 
 
 def test_eos_returns_early_once_every_row_stopped(model):
@@ -239,10 +250,11 @@ def test_eos_returns_early_once_every_row_stopped(model):
         (prompt(1, 4), -1, {}, "max_new_tokens must be an integer >= 0"),
         (prompt(1, 4), 5, dict(temperature=0.7), "needs rng="),
         (prompt(1, 4), 5, dict(eos_id=300), "eos_id must be a token id"),
+        (prompt(1, 4), 5, dict(eos_id=[]), "a non-empty collection"),
         (np.array([[1, 2, 999]]), 5, {}, r"token ids must lie in \[0, 257\)"),
     ],
     ids=["temperature<0", "top_k<1", "top_k>vocab", "top_p=0", "top_p>1", "empty-prompt", "max_new<0",
-         "no-rng", "eos-outside-vocab", "id-outside-vocab"],
+         "no-rng", "eos-outside-vocab", "no-eos-ids", "id-outside-vocab"],
 )
 def test_invalid_settings(model, ids, new, kwargs, match):
     _, params = model

@@ -1,8 +1,10 @@
 """Training on a mesh equals training on one device: data parallel, FSDP and both, on 8 simulated CPU devices
-(one process), and as a 2-process multi-host run; sharded checkpoints restore across meshes.
+(one process), and as a 2-process multi-host run; sharded checkpoints restore across meshes. Qwen3 and
+Llama 3.2 (tiny) on 4 simulated devices: their parameters shard by the same rule and a step on a mesh equals
+one on one device.
 
 The device count must be set before jax is imported, so the work happens in tests/sharding_worker.py
-subprocesses (about a minute in all); the rule table and parsing are tested here directly.
+subprocesses (about a minute in all) and in FAMILIES below; the rule table and parsing are tested here directly.
 """
 
 import json
@@ -150,6 +152,72 @@ def test_mesh_errors_are_one_line_and_early(one_process):
         e = errors[name]
         assert e["code"] == 2 and e["message"].startswith("error: ") and text in e["message"], e
         assert "\n" not in e["message"] and not e["dir_made"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The other families, 4 devices, one process
+
+# Tiny Qwen3 (tied head, q/k norms, head_dim of its own) and Llama 3.2 (here with its own output head), 4 query
+# heads over 2 key/value groups: one train step on a data=2,fsdp=2 mesh and on one device. Prints JSON.
+FAMILIES = r"""
+import json, os
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax, numpy as np
+from gptjax import sharding
+from gptjax.model import init_params
+from gptjax.presets import model_preset
+from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step
+
+out = {}
+for name, own in (("qwen3-0.6b", {"head_dim": 16}), ("llama-3.2-1b", {"tie_embeddings": False})):
+    cfg = model_preset(name, vocab_size=256, context_length=16, emb_dim=64, n_heads=4, n_kv_groups=2, n_layers=2,
+                       hidden_dim=128, **own)
+    key, mesh = jax.random.key(0), sharding.make_mesh({"data": 2, "fsdp": 2})
+    params, reference = sharding.init_sharded_params(cfg, key, mesh), init_params(cfg, key)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    r = {"specs": {jax.tree_util.keystr(k): [list(x.shape), str(x.sharding.spec)] for k, x in leaves},
+         "init_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                          for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference)))}
+    opt = make_optimizer(TrainConfig(batch_size=4), total_steps=10)
+    tokens = np.random.default_rng(0).integers(0, 256, (4, 17), dtype=np.int32)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    one = make_train_step(cfg, opt)(reference, init_opt_state(opt, reference), batch, key)
+    step = make_train_step(cfg, opt, jit_kwargs=sharding.train_step_jit_kwargs(mesh, cfg, opt), mesh=mesh)
+    on_mesh = step(params, sharding.init_sharded_opt_state(opt, params, mesh),
+                   jax.device_put(batch, sharding.batch_sharding(mesh)), key)
+    r["metrics"] = [{k: float(m[k]) for k in ("loss", "grad_norm")} for m in (one[2], on_mesh[2])]
+    r["step_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                         for a, b in zip(jax.tree_util.tree_leaves(one[0]), jax.tree_util.tree_leaves(on_mesh[0])))
+    out[name] = r
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def families():
+    proc = subprocess.run([sys.executable, "-c", FAMILIES], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("name", ["qwen3-0.6b", "llama-3.2-1b"])
+def test_families_shard_by_the_rule_and_step_as_on_one_device(families, name):
+    r = families[name]
+    specs = r["specs"]
+    for path, (shape, spec) in specs.items():
+        # matrices (embedding, projections, SwiGLU, an untied head) split over fsdp; RMSNorm scales replicated
+        assert ("fsdp" in spec) == (len(shape) == 2), (path, shape, spec)
+    assert specs["['tok_emb']['embedding']"] == [[256, 64], "P('fsdp', None)"]  # along the vocabulary
+    assert specs["['trf_blocks'][0]['att']['W_key']['kernel']"][0] == [64, 32]  # 2 groups of 16: half W_query's
+    assert ("['out_head']['kernel']" in specs) == (name == "llama-3.2-1b")  # Qwen3's head is tok_emb itself
+    assert r["init_diff"] == 0.0  # created in shards, with the one-device values
+    one, on_mesh = r["metrics"]
+    for k in ("loss", "grad_norm"):
+        assert abs(one[k] - on_mesh[k]) <= TOL * max(1.0, abs(one[k])), (k, one, on_mesh)
+    # AdamW's first step moves each parameter by about lr (4e-4) times the sign of its gradient: rounding in
+    # near-zero gradients can flip a sign, so parameters agree to twice that.
+    assert r["step_diff"] <= 8e-4
 
 
 # ---------------------------------------------------------------------------------------------

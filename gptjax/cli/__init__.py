@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from gptjax import compile_cache
-from gptjax.config import ALIASES, PRESETS, GPTConfig, get_config
+from gptjax.config import GPTConfig
+from gptjax.presets import ModelConfig, model_preset, preset_names
 from gptjax.model import Params
 from gptjax.training import COMPUTE_DTYPES, TrainConfig
 
@@ -26,8 +27,8 @@ MODEL_FLAGS = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", 
 
 def add_model_flags(p: argparse.ArgumentParser, *, init_from: bool = True) -> None:
     m = p.add_argument_group("model")
-    presets = sorted(PRESETS) + sorted(ALIASES)
-    m.add_argument("--preset", metavar="NAME", help=f"model preset (default: {DEFAULT_PRESET}); one of: {', '.join(presets)}")
+    m.add_argument("--preset", "--model", dest="preset", metavar="NAME",
+                   help=f"model preset (default: {DEFAULT_PRESET}); one of: {', '.join(preset_names())}")
     m.add_argument("--context-length", type=int, metavar="N",
                    help="tokens per window (default: the preset's, 256 for GPT_CONFIG_124M)")
     m.add_argument("--emb-dim", type=int, metavar="N", help="embedding size (default: the preset's)")
@@ -39,9 +40,13 @@ def add_model_flags(p: argparse.ArgumentParser, *, init_from: bool = True) -> No
     m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction,
                    help="biases in the query/key/value projections (default: the preset's, off for GPT_CONFIG_124M)")
     if init_from:
-        m.add_argument("--init-from", metavar="WEIGHTS", help="start from these weights (gptjax checkpoint or run, "
-                       "torch .pth, safetensors, Hugging Face or OpenAI folder); the model config comes from them "
-                       "(default: initialise from --seed)")
+        m.add_argument("--init-from", "--weights", dest="init_from", metavar="WEIGHTS",
+                       help="start from these weights (gptjax checkpoint or run, torch .pth, safetensors, Hugging Face "
+                       "or OpenAI folder, or a Hugging Face model id); the model config comes from them (default: "
+                       "initialise from --seed)")
+        m.add_argument("--tokenizer", metavar="DIR", help="a Llama 3 or Qwen3 model's tokenizer files "
+                       "(tokenizer.json or tokenizer.model, tokenizer_config.json) (default: those beside "
+                       "--init-from's weights; GPT-2 models use GPT-2's)")
 
 
 def add_batch_flags(g: argparse._ArgumentGroup) -> None:
@@ -75,10 +80,10 @@ def add_mesh_flag(v: argparse._ArgumentGroup) -> None:
                    "in a multi-process run data=<all devices>)")
 
 
-def model_config(args: dict[str, Any]) -> GPTConfig:
+def model_config(args: dict[str, Any]) -> ModelConfig:
     """The model the flags in ``args`` (parsed with SUPPRESS defaults) describe, without --init-from."""
     try:
-        return get_config(args.get("preset", DEFAULT_PRESET), **model_overrides(args))
+        return model_preset(args.get("preset", DEFAULT_PRESET), **model_overrides(args))
     except ValueError as e:
         raise ValueError(in_flag_terms(e, MODEL_FLAGS)) from None
 
@@ -107,7 +112,7 @@ def in_flag_terms(e: BaseException, names: Iterable[str] | Mapping[str, str]) ->
     flags = dict(names) if isinstance(names, Mapping) else {name: flag(name) for name in names}
     text = " ".join(str(e).split())
     for name in sorted(flags, key=len, reverse=True):
-        text = re.sub(rf"(?<![\w.-])(?:GPTConfig\.|TrainConfig\.)?{re.escape(name)}(?![\w-])", flags[name], text)
+        text = re.sub(rf"(?<![\w.-])(?:[A-Z]\w*Config\.)?{re.escape(name)}(?![\w-])", flags[name], text)
     return text
 
 
@@ -119,7 +124,8 @@ LIBRARY_FLAGS = {"data_dir": "--data-dir", "mesh": "--mesh", "overwrite=True": "
                  "grad_accum": "--grad-accum", "context_length": "--context-length", "train_ratio": "--train-ratio",
                  "hellaswag_every": "--hellaswag-every", "compile_cache=False": "--no-compile-cache",
                  "compile_cache": "--compile-cache", "remat": "--remat", "drop_rate": "--drop-rate",
-                 "dump_hlo": "--dump-hlo",
+                 "dump_hlo": "--dump-hlo", "RunSettings.tokenizer": "--tokenizer", "train_tokens": "--train-tokens",
+                 "val_tokens": "--val-tokens",
                  **{f"PrepareConfig.{name}": flag(name) for name in ("out", "name", "text_field", "hf_dataset",
                                                                     "hf_config", "split", "workers", "shard_tokens",
                                                                     "val_tokens", "resume", "overwrite")}}
@@ -214,6 +220,17 @@ def load_weights_flag(weights: str, n_heads: int | None, *, flag_name: str = "--
                          f"{cfg.n_heads} heads; drop --n-heads")
     # The parameter shapes do not depend on the head count: only the config changes.
     return params, cfg.replace(n_heads=n_heads)
+
+
+def model_text_flag(weights: str, cfg: Any, *, flag_name: str = "--weights") -> tuple[Any, Any]:
+    """The tokenizer and chat format of the model ``weights`` names (:func:`gptjax.chat.model_text`)."""
+    from gptjax.chat import model_text
+    from gptjax.weights import tokenizer_folder
+
+    try:
+        return model_text(cfg, tokenizer_folder(weights))
+    except ValueError as e:
+        raise ValueError(f"{flag_name} {weights}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

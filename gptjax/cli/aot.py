@@ -1,7 +1,8 @@
 """``python -m gptjax.aot``: compile the real train step for a GPU or TPU you do not have, and size it.
 
 Every flag but ``--target``, ``--json``, ``--dump-hlo`` and ``--overwrite`` is ``python -m gptjax.train``'s,
-parsed by the same code in :mod:`gptjax.cli`; the compiling is :mod:`gptjax.aot_compile`'s.
+parsed by the same code in :mod:`gptjax.cli`; the compiling is :mod:`gptjax.aot_compile`'s. ``--preset`` takes
+any family's preset (:func:`gptjax.presets.model_preset`: ``gpt2-xl``, ``qwen3-0.6b``, ``llama-3.2-1b``, ...).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import jax
 from gptjax import cli
 from gptjax.quantize import WEIGHTS_DTYPES
 from gptjax.sampling import generate
-from gptjax.tokenizer import ENDOFTEXT_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
+from gptjax.tokenizer import text_to_token_ids, token_ids_to_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="nucleus sampling: the most likely tokens that make up P of the probability, in (0, 1] "
                         "(default: off)")
     parser.add_argument("--seed", type=int, default=123, metavar="N", help="sampling seed (default: 123)")
-    parser.add_argument("--eos", action="store_true", help="stop at <|endoftext|> (default: off)")
+    parser.add_argument("--eos", action="store_true", help="stop at the model's end of text (GPT-2: <|endoftext|>; Llama 3 and Qwen3: "
+                        "the ids their generation_config.json lists) (default: off)")
     parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
                         help="store the matmul weights as bfloat16, or int8 with per-channel scales, for decoding; "
                         "activations and logits stay float32 (default: float32)")
@@ -46,16 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_sampling_flags(args: argparse.Namespace, vocab_size: int) -> None:
-    """The sampling settings, in the flags' words, before any weights load (``vocab_size``: the tokenizer's)."""
+def check_sampling_flags(args: argparse.Namespace, vocab_size: int | None) -> None:
+    """The sampling settings, in the flags' words: before any weights load (``vocab_size`` None), then against
+    the model's vocabulary."""
     if not args.prompt:
         raise ValueError("--prompt is empty; give some text to continue")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be at least 0, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be at least 0 (0 is greedy), got {args.temperature}")
-    if not 0 <= args.top_k <= vocab_size:
-        raise ValueError(f"--top-k must be between 0 (off) and the vocabulary size {vocab_size}, got {args.top_k}")
+    if not 0 <= args.top_k <= (vocab_size or args.top_k):
+        size = "the model's vocabulary size" + (f" {vocab_size}" if vocab_size else "")
+        raise ValueError(f"--top-k must be between 0 (off) and {size}, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
@@ -64,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cli.setup_compile_cache(args)
-        tokenizer = get_tokenizer()
-        check_sampling_flags(args, tokenizer.n_vocab)
+        check_sampling_flags(args, None)
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
+        tokenizer, chat = cli.model_text_flag(args.weights, cfg)
+        check_sampling_flags(args, cfg.vocab_size)
         if cfg.vocab_size < tokenizer.n_vocab:
             raise ValueError(
-                f"the model's vocabulary ({cfg.vocab_size}) is smaller than the GPT-2 tokenizer's "
-                f"({tokenizer.n_vocab}); these weights were not trained on GPT-2 tokens"
+                f"the model's vocabulary ({cfg.vocab_size}) is smaller than its tokenizer's ({tokenizer.n_vocab}); "
+                "these weights were not trained with this tokenizer"
             )
         prompt_ids = text_to_token_ids(args.prompt, tokenizer)
         if prompt_ids.shape[1] > cfg.context_length:
@@ -85,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature,
             top_k=args.top_k or None,
             top_p=args.top_p,
-            eos_id=ENDOFTEXT_ID if args.eos else None,
+            eos_id=chat.stop_ids if args.eos else None,
             rng=jax.random.key(args.seed),
             weights_dtype=args.weights_dtype,
         )
     except (ValueError, FileNotFoundError) as e:
         return cli.fail(e)
     ids = token_ids[0]
-    if args.eos and len(ids) > prompt_ids.shape[1] and ids[-1] == ENDOFTEXT_ID:
-        ids = ids[:-1]  # generation stopped at <|endoftext|>: print the text before it
+    if args.eos and len(ids) > prompt_ids.shape[1] and ids[-1] in chat.stop_ids:
+        ids = ids[:-1]  # generation stopped at the end of text: print the text before it
     print(token_ids_to_text(ids, tokenizer))
     return 0
 

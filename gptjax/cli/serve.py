@@ -4,7 +4,8 @@
         [--weights-dtype {float32,bfloat16,int8}] [--dtype {float32,bfloat16}] [--api-key KEY]
         [--max-queue 64] [--grace-seconds 30] [--n-heads N]
 
-PATH is anything gptjax.weights.load_weights reads. Endpoints: POST /v1/completions, POST /v1/chat/completions,
+PATH is anything gptjax.weights.load_weights reads; a Llama 3 or Qwen3 model's tokenizer and chat template come
+from the tokenizer files beside its weights (gptjax.weights.tokenizer_folder). Endpoints: POST /v1/completions, POST /v1/chat/completions,
 GET /v1/models, GET /health, GET /metrics (Prometheus), and the page at /. With --api-key (or GPTJAX_API_KEY)
 every /v1 request needs ``Authorization: Bearer KEY``. SIGINT / SIGTERM stop accepting connections, let the
 running requests finish for up to --grace-seconds, then exit 0. The engine is :mod:`gptjax.engine`.
@@ -60,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be at least 0, got {args.grace_seconds}")
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
+        tokenizer, chat = cli.model_text_flag(args.weights, cfg)
     except (ValueError, OSError) as e:
         return cli.fail(e)
     name = args.weights if cli.is_hub_id_flag(args.weights) else Path(args.weights).resolve().name
     app = create_app(params, cfg, model_name=name, max_batch=args.max_batch, weights_dtype=args.weights_dtype,
-                     dtype=args.dtype, max_queue=args.max_queue, api_key=args.api_key)
+                     dtype=args.dtype, max_queue=args.max_queue, api_key=args.api_key, tokenizer=tokenizer,
+                     chat=chat)
     # The engine thread wakes from each step needing the GIL for a moment; at Python's default switch interval
     # (5 ms) it can wait that long behind the event loop, a sixth of a 124M model's step.
     sys.setswitchinterval(0.0005)

@@ -21,11 +21,12 @@ import jax
 from jax.sharding import Mesh
 
 from gptjax import cli, sharding
-from gptjax.config import GPTConfig
 from gptjax.data import DataSource
 from gptjax.model import Params
+from gptjax.presets import ModelConfig, family_of
 from gptjax.runs import HELLASWAG_EVERY, Monitoring, RunSettings, Stopped, check_out_dir, resume_run, start_run
 from gptjax.training import NonFiniteLossError, TrainConfig
+from gptjax.weights import tokenizer_folder
 from gptjax.weights.mapping import ARCH_FIELDS
 
 DATA_FLAGS = ("corpus", "train_tokens", "val_tokens", "data_dir")
@@ -182,15 +183,41 @@ def _new_run(args: dict[str, Any], monitoring: dict[str, Any]) -> tuple[RunSetti
     except ValueError as e:
         raise ValueError(cli.in_flag_terms(e, (*DATA_FLAGS, *MONITOR_FLAGS))) from None
     init_from = cli.weights_record(args["init_from"]) if "init_from" in args else None
-    return RunSettings(cfg, tcfg, data, init_from, monitoring), params
+    return RunSettings(cfg, tcfg, data, init_from, monitoring, _tokenizer(args, cfg)), params
 
 
-def _init_from(args: dict[str, Any]) -> tuple[Params, GPTConfig]:
-    """The --init-from weights and their config, which the model flags may only restate (or set dropout)."""
+def _tokenizer(args: dict[str, Any], cfg: ModelConfig) -> str | None:
+    """The folder of the model's tokenizer files: --tokenizer, else beside --init-from's weights (GPT-2: none,
+    it has its bundled one)."""
+    if "tokenizer" in args:
+        if not Path(args["tokenizer"]).is_dir():
+            raise FileNotFoundError(f"--tokenizer {args['tokenizer']}: no such folder")
+        return str(Path(args["tokenizer"]).absolute())
+    if family_of(cfg) == "gpt2":
+        return None
+    folder = tokenizer_folder(args["init_from"]) if "init_from" in args else None
+    if folder is None:
+        raise ValueError(f"a {family_of(cfg)} model trains on its own tokenizer's tokens: give --tokenizer DIR, the "
+                         "folder of its tokenizer.json or tokenizer.model"
+                         + (f" (there are none beside {args['init_from']})" if "init_from" in args else ""))
+    return str(folder.absolute())
+
+
+def _init_from(args: dict[str, Any]) -> tuple[Params, ModelConfig]:
+    """The --init-from weights and their config, which the model flags may only restate (or set dropout, or a
+    shorter --context-length for a model with rotary positions, which has no table of positions to match)."""
     params, cfg = cli.load_weights_flag(args["init_from"], args.get("n_heads"), flag_name="--init-from")
     overrides = cli.model_overrides(args)
     given = cli.model_config(args) if "preset" in args else None
+    rotary = hasattr(cfg, "rope_base")
+    if rotary and "context_length" in overrides:
+        if not 0 < overrides["context_length"] <= cfg.context_length:
+            raise ValueError(f"--context-length must be in 1..{cfg.context_length} for the weights in "
+                             f"{args['init_from']}, got {overrides['context_length']}")
+        cfg = cfg.replace(context_length=overrides.pop("context_length"))
     for k in ARCH_FIELDS:
+        if rotary and k == "context_length":
+            continue
         want = overrides.get(k, getattr(given, k, None))
         if want is not None and getattr(cfg, k) != want:
             raise ValueError(f"{cli.flag(k) if k in overrides else '--preset ' + args['preset']} ({k}={want!r}) "

@@ -118,6 +118,20 @@ def load_weights(path: str | os.PathLike, cfg: GPTConfig | None = None) -> tuple
     return names.to_params(found, cfg)
 
 
+def tokenizer_folder(path: str | os.PathLike) -> Path | None:
+    """Where the tokenizer files of the weights at ``path`` (what :func:`load_weights` takes) are: its folder
+    (a file's folder), a ``tokenizer/`` folder there, or, for a run directory's checkpoint, the run's
+    ``tokenizer/``; a Hub id's cached snapshot. None when there are none (GPT-2 needs none)."""
+    p = Path(path)
+    if not p.exists() and hub.is_hub_id(os.fspath(path)):
+        p = hub.hub_folder(os.fspath(path))
+    start = p if p.is_dir() else p.parent
+    for folder in (start, start / "tokenizer", *(up / "tokenizer" for up in list(start.parents)[:3])):
+        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")):
+            return folder
+    return None
+
+
 def load_openai_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(settings, params)`` exactly as the book's ``load_gpt2_params_from_tf_ckpt``: hparams.json and the
     squeezed variables nested as ``params["blocks"][i]["attn"]["c_attn"]["w"]``, ``wte``, ``wpe``, ``g``, ``b``."""

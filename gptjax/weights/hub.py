@@ -15,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gptjax.atomic import made_dirs
+from gptjax.tokenizer import TOKENIZER_FILES
 from gptjax.weights.files import WEIGHTS_FILES, is_index, one_line, shard_names, shards
 
 CONFIG = "config.json"  # a Hugging Face model's settings, beside its weights
@@ -119,6 +120,13 @@ def _download(repo: str) -> Path:
         if is_index(path):
             for shard in shard_names(path):
                 hf_hub_download(repo, shard)
+        if model_type != "gpt2":  # GPT-2's tokenizer is bundled; the others' come with their weights
+            for name in TOKENIZER_FILES:
+                try:
+                    hf_hub_download(repo, name)
+                except EntryNotFoundError as e:
+                    if isinstance(e, LocalEntryNotFoundError):
+                        raise
         return path.parent
     raise ValueError(f"{repo} on the Hugging Face Hub has none of {', '.join(WEIGHTS_FILES)}")
 

@@ -27,15 +27,16 @@ def tree_table(cfg: GPTConfig) -> list[Row]:
 
 def to_params(found: NamedTensors, cfg: GPTConfig | None) -> tuple[Params, GPTConfig]:
     """The stored config (a gptjax run's), else the one the shapes and a config file beside imply."""
-    shapes = found.tensors.shapes
-    implied = dict(
-        vocab_size=shapes[MARKER][0], context_length=shapes["pos_emb.embedding"][0], emb_dim=shapes[MARKER][1],
-        n_layers=len({k.split(".")[1] for k in shapes if k.startswith("trf_blocks.")}),
-        qkv_bias="trf_blocks.0.att.W_query.bias" in shapes,
-    )
     stored = found.config
-    if stored is not None:
+    if stored is not None:  # any family's
         implied = stored.to_dict()
+    else:  # only GPT-2's shapes say their config
+        shapes = found.tensors.shapes
+        implied = dict(
+            vocab_size=shapes[MARKER][0], context_length=shapes["pos_emb.embedding"][0], emb_dim=shapes[MARKER][1],
+            n_layers=len({k.split(".")[1] for k in shapes if k.startswith("trf_blocks.")}),
+            qkv_bias="trf_blocks.0.att.W_query.bias" in shapes,
+        )
     if cfg is not None:
         cfg = check_config(cfg, implied, found.source)
     else:

@@ -1,0 +1,118 @@
+"""A Qwen3 model folder (weights as transformers writes them, Qwen3-style tokenizer files with the published
+chat template) served as a user serves it: ``python -m gptjax.serve --weights FOLDER``, asked through the
+``openai`` client. The chat is rendered with the model's template and ends at its end-of-turn ids; the answers
+are what ``gptjax.generate`` continues the rendered prompt with. ``python -m gptjax.generate`` takes the
+folder too."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import gptjax
+from gptjax.chat import model_text
+from gptjax.cli.generate import main as generate_main
+from gptjax.qwen3 import Qwen3Config
+from tests.family_files import write_qwen_tokenizer
+
+openai = pytest.importorskip("openai")
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who painted the picture?"}]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3-tiny")
+    vocab = write_qwen_tokenizer(folder)
+    cfg = Qwen3Config(vocab_size=vocab, context_length=128, emb_dim=64, n_heads=4, n_kv_groups=2, head_dim=16,
+                      n_layers=2, hidden_dim=96, tie_embeddings=False)  # tied, a random model repeats its input
+    params = gptjax.init_params(cfg, seed=5)
+    gptjax.save_weights(params, cfg, folder, format="hf", overwrite=True)
+    # A random model rarely ends its turn: make the token its greedy answer reaches a few steps in one of the
+    # folder's end-of-sequence ids, so that answers stop there (generation_config.json, as published models list
+    # theirs).
+    tokenizer, chat = model_text(cfg, folder)
+    prompt = tokenizer.encode(chat.render(MESSAGES, enable_thinking=False), allowed_special="all")
+    new = gptjax.generate(params, cfg, np.asarray([prompt]), 24)[0, len(prompt):].tolist()
+    end = next(t for i, t in enumerate(new) if i >= 3 and t not in new[:i])
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"].append(end)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".cache" / "jax")}
+    proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(folder), "--port", str(port),
+                             "--max-batch", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    yield f"http://127.0.0.1:{port}"
+    proc.kill()
+    proc.wait()
+
+
+def reference(folder, max_tokens, **template_kwargs):
+    """What gptjax.generate continues the rendered chat with, cut at the first end-of-turn id."""
+    params, cfg = gptjax.load_weights(folder)
+    tokenizer, chat = model_text(cfg, folder)
+    prompt = tokenizer.encode(chat.render(MESSAGES, **template_kwargs), allowed_special="all")
+    new = gptjax.generate(params, cfg, np.asarray([prompt]), max_tokens, eos_id=chat.stop_ids)[0, len(prompt):]
+    stopped = len(new) and new[-1] in chat.stop_ids
+    return tokenizer.decode(new[:-1] if stopped else new), "stop" if stopped else "length"
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_chat_uses_the_models_template_and_stops(folder, server, thinking):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    kwargs = dict(model=folder.name, messages=MESSAGES, max_tokens=24, temperature=0,
+                  extra_body={"chat_template_kwargs": {"enable_thinking": thinking}})
+    answer = client.chat.completions.create(**kwargs).choices[0]
+    text, reason = reference(folder, 24, enable_thinking=thinking)
+    assert (answer.message.content, answer.finish_reason) == (text, reason)
+    assert reason == "stop" or thinking  # the fixture's end id stops the answer without thinking
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
+                       if c.choices)
+    assert streamed == text
+
+
+def test_tokenizer_endpoints_are_the_models(folder, server):
+    _, cfg = gptjax.load_weights(folder)
+    tokenizer, _ = model_text(cfg, folder)
+    info = httpx.get(server + "/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" and info["vocab_size"] == cfg.vocab_size
+    tokens = httpx.post(server + "/tokenize", json={"prompt": "<|im_start|>user"}).json()["tokens"]
+    assert tokens == tokenizer.encode("<|im_start|>user", allowed_special="all")
+    assert tokenizer.decode([tokens[0]]) == "<|im_start|>"
+
+
+def test_generate_command_takes_the_folder(folder, capsys):
+    prompt = "I HAD always thought"
+    assert generate_main(["--weights", str(folder), "--prompt", prompt, "--temperature", "0",
+                          "--max-new-tokens", "8", "--eos"]) == 0
+    params, cfg = gptjax.load_weights(folder)
+    tokenizer, chat = model_text(cfg, folder)
+    ids = tokenizer.encode(prompt)
+    new = gptjax.generate(params, cfg, np.asarray([ids]), 8, eos_id=chat.stop_ids)[0]
+    if new[-1] in chat.stop_ids:
+        new = new[:-1]
+    assert capsys.readouterr().out == tokenizer.decode(new) + "\n"
+
+
+def test_a_family_model_without_tokenizer_files_is_a_one_line_error(folder, tmp_path, capsys):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    assert generate_main(["--weights", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--weights {tmp_path}: a qwen3 model needs its tokenizer files" in err
