@@ -97,3 +97,15 @@ def test_bad_settings_for_a_family_model(folder, tmp_path, capsys, extra, messag
 def test_a_family_preset_needs_a_tokenizer(tmp_path, capsys):
     assert train_main(["--model", "qwen3-0.6b", "--max-steps", "1", "--out", str(tmp_path / "run")]) == 2
     assert "a qwen3 model trains on its own tokenizer's tokens: give --tokenizer DIR" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_run_on_its_own_tokens(runs, capsys):
+    from gptjax.cli.evaluate import main as evaluate_main
+    from gptjax.training import calc_loss_loader
+
+    whole, _ = runs
+    assert evaluate_main(["--weights", str(whole), "--train-ratio", "0.05", "--batch-size", "2"]) == 0
+    params, cfg = load_weights(whole)
+    _, val = build_loaders(DataSource(), context_length=32, batch_size=2, train_ratio=0.05, shuffle=False,
+                           tokenizer=load_tokenizer(whole / "tokenizer"))
+    assert f"val   loss {calc_loss_loader(params, cfg, val):.3f}" in capsys.readouterr().out

@@ -20,11 +20,14 @@ import pytest
 import gptjax
 from gptjax import GPTConfig, save_weights
 from gptjax.checkpoint import load_params
+from gptjax.qwen3 import Qwen3Config
+from tests.family_files import write_qwen_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 # GPT-2's vocabulary (generate needs the tokenizer's), everything else tiny.
 CFG = GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_layers=1, n_heads=2, drop_rate=0.0)
 MODEL_ID = "someone/tiny-gpt2"
+QWEN_ID = "someone/tiny-qwen3"  # a family whose tokenizer files come with its weights
 MISSING_ID = "someone/not-cached"
 STORY = "Every effort moves you a little closer to the picture you meant to paint. " * 16
 
@@ -61,11 +64,16 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hub")
     folder = tmp / "tiny-gpt2"
     save_weights(gptjax.init_params(CFG, seed=3), CFG, folder, format="hf")
+    qwen = tmp / "tiny-qwen3"
+    qwen_cfg = Qwen3Config(vocab_size=write_qwen_tokenizer(qwen), context_length=16, emb_dim=32, n_heads=2,
+                           n_kv_groups=1, head_dim=16, n_layers=1, hidden_dim=48, tie_embeddings=False)
+    save_weights(gptjax.init_params(qwen_cfg, seed=3), qwen_cfg, qwen, format="hf", overwrite=True)
     cache = tmp / "hf-cache"
-    repo = cache / ("models--" + MODEL_ID.replace("/", "--"))
-    shutil.copytree(folder, repo / "snapshots" / "0123abcd")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abcd")
+    for model_id, source in ((MODEL_ID, folder), (QWEN_ID, qwen)):
+        repo = cache / ("models--" + model_id.replace("/", "--"))
+        shutil.copytree(source, repo / "snapshots" / "0123abcd")
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0123abcd")
     corpus = tmp / "story.txt"
     corpus.write_text(STORY, encoding="utf-8")
     jobs, outs = [], {}
@@ -73,6 +81,8 @@ def runs(tmp_path_factory):
         outs[kind] = tmp / kind
         outs[kind].mkdir()
         jobs += tools(weights, outs[kind], corpus)
+    jobs += [("gptjax.cli.generate", ["--weights", weights, "--prompt", "Every effort", "--max-new-tokens", "3",
+                                      "--temperature", "0", "--eos"]) for weights in (QWEN_ID, str(qwen))]
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"))
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(jobs)], cwd=ROOT, env=env, capture_output=True,
@@ -81,6 +91,7 @@ def runs(tmp_path_factory):
     results = json.loads(proc.stdout.splitlines()[-1])
     n = len(NAMES)
     by_kind = {kind: dict(zip(NAMES, results[i * n:(i + 1) * n])) for i, kind in enumerate(("id", "folder", "missing"))}
+    by_kind["qwen3"] = dict(zip(("id", "folder"), results[3 * n:]))
     return by_kind, outs, cache, folder
 
 
@@ -94,6 +105,12 @@ def test_generate_decodes_the_id_as_the_folder(runs):
     got, want = ok(by_kind["id"]["generate"]), ok(by_kind["folder"]["generate"])
     assert got["out"].startswith("Every effort") and len(got["out"]) > len("Every effort\n")
     assert got["out"] == want["out"]
+
+
+def test_a_qwen3_id_generates_as_its_folder_with_its_own_tokenizer(runs):
+    by_kind, *_ = runs
+    got, want = ok(by_kind["qwen3"]["id"]), ok(by_kind["qwen3"]["folder"])
+    assert got["out"].startswith("Every effort") and got["out"] == want["out"]
 
 
 def test_evaluate_gives_the_ids_losses_as_the_folders(runs):

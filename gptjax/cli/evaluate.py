@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         context = args.context_length or cfg.context_length
         if context > cfg.context_length:
             raise ValueError(f"--context-length must be between 1 and the model's {cfg.context_length}, got {context}")
-        loaders = loaders_of_splits(splits, context_length=context, batch_size=args.batch_size, shuffle=False)
+        tokenizer, _ = cli.model_text_flag(args.weights, cfg)
+        loaders = loaders_of_splits(splits, context_length=context, batch_size=args.batch_size, shuffle=False,
+                                    tokenizer=tokenizer)
         losses = {name: calc_loss_loader(params, cfg, loader) for name, loader in zip(("train", "val"), loaders)}
         step = _checkpoint_step(args.weights)
     except (ValueError, OSError) as e:
@@ -75,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 def _hellaswag(args: argparse.Namespace) -> int:
     """--hellaswag: the examples are read before the (slower) weights, so a bad file fails first."""
     from gptjax import hellaswag
+    from gptjax.tokenizer import get_tokenizer
 
     if args.corpus is not None:
         raise ValueError("--hellaswag scores its own examples: drop --corpus (or run once for each)")
     examples = hellaswag.load_examples(args.hellaswag)
     params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
+    tokenizer, _ = cli.model_text_flag(args.weights, cfg)
+    if tokenizer is not get_tokenizer():  # the file is known to be good: now in the model's own tokens
+        examples = hellaswag.load_examples(args.hellaswag, tokenizer)
     hellaswag.check_fits(examples, cfg, args.hellaswag)
     scores = hellaswag.score(params, cfg, examples, progress=True)
     print(f"weights {args.weights}{_checkpoint_step(args.weights)}: {cfg}")
