@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from jinja2.exceptions import TemplateError
 
 from gptjax.chat import ChatFormat
 from gptjax.engine import MAX_LOGPROBS, split_logprobs
@@ -90,7 +91,7 @@ def render_chat(body: dict, chat: ChatFormat) -> str:
     kwargs = _field(body, "chat_template_kwargs", (dict,), {})
     try:
         return chat.render([{"role": m["role"], "content": m["content"]} for m in messages], **kwargs)
-    except Exception as e:  # the template's own raise_exception, or one the kwargs provoke
+    except (TemplateError, TypeError) as e:  # the template's raise_exception, or kwargs it cannot take
         raise APIError(400, f"the model's chat template refused the messages: {e}", "messages") from None
 
 

@@ -116,3 +116,12 @@ def test_a_family_model_without_tokenizer_files_is_a_one_line_error(folder, tmp_
     assert generate_main(["--weights", str(tmp_path), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--weights {tmp_path}: a qwen3 model needs its tokenizer files" in err
+
+
+def test_template_refusals_are_400s(server):
+    body = {"messages": MESSAGES, "max_tokens": 2, "chat_template_kwargs": {"messages": []}}
+    reply = httpx.post(server + "/v1/chat/completions", json=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["message"].startswith("the model's chat template refused the messages")
+    reply = httpx.post(server + "/v1/chat/completions", json={**body, "chat_template_kwargs": "thinking"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "chat_template_kwargs"

@@ -1,20 +1,32 @@
-"""GGUF export in llama.cpp's own GPT-2 layout, so a gptjax model runs in llama.cpp, ollama or LM Studio.
+"""GGUF export in llama.cpp's own layouts, so a gptjax model runs in llama.cpp, ollama or LM Studio.
 
-The file is what llama.cpp's ``convert_hf_to_gguf.py`` writes for a Hugging Face GPT-2 (architecture
-``gpt2``): its tensor names (``token_embd``, ``position_embd``, ``blk.N.attn_qkv`` with query, key and value
-fused, ...), its hyperparameter keys, and the tokenizer as GPT-2's byte-level BPE: the 50,257 tokens as
-byte-level unicode strings, the merges rebuilt from the bundled tiktoken ranks, ``<|endoftext|>`` (50256) as
-BOS and EOS, pre-tokenizer ``gpt-2``. Written with the ``gguf`` package (``pip install 'gptjax[gguf]'``).
+Each file is what llama.cpp's ``convert_hf_to_gguf.py`` writes for the same model from a Hugging Face folder:
+its architecture, hyperparameter keys and tensor names, and the tokenizer as byte-level BPE (tokenizer model
+``gpt2``). Written with the ``gguf`` package (``pip install 'gptjax[gguf]'``).
+
+- GPT-2 (architecture ``gpt2``): ``token_embd``, ``position_embd``, ``blk.N.attn_qkv`` with query, key and
+  value fused, ...; the tokenizer is gptjax's bundled GPT-2 BPE: the 50,257 tokens as byte-level unicode
+  strings, the merges rebuilt from the tiktoken ranks, ``<|endoftext|>`` (50256) as BOS and EOS, pre-tokenizer
+  ``gpt-2``.
+- Qwen3 (``qwen3``) and Llama 3 (``llama``): ``blk.N.attn_q`` / ``attn_k`` / ``attn_v`` / ``attn_output``,
+  ``ffn_gate`` / ``ffn_up`` / ``ffn_down``, Qwen3's ``attn_q_norm`` / ``attn_k_norm``, Llama 3's RoPE scaling
+  as the ``rope_freqs`` tensor; no ``output`` tensor for a tied head (llama.cpp reuses ``token_embd``). The
+  tokenizer comes from the model's Hugging Face folder (``tokenizer=``: its ``tokenizer.json``, and the
+  special tokens and chat template of ``tokenizer_config.json``), with pre-tokenizer ``qwen2`` or
+  ``llama-bpe``.
 
 Types (``gguf_type``), as llama.cpp's converter assigns them: ``f32`` stores everything in float32;
-``f16`` and ``q8_0`` store the matrices (embedding, QKV, attention output, MLP, output head) in that type
-and keep the biases, LayerNorms and the position embedding float32, which llama.cpp expects.
+``f16`` and ``q8_0`` store the matrices (embeddings, attention and MLP projections, output head) in that type
+and keep the vectors (biases, norms, ``rope_freqs``) and GPT-2's position embedding float32, which llama.cpp
+expects.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +35,9 @@ import numpy as np
 from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig
 from gptjax.model import Params
+from gptjax.presets import ModelConfig, family_of
 from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
+from gptjax.weights.files import one_line
 from gptjax.weights.mapping import Row, tensors_from_params, zero_qkv_biases
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -31,26 +45,62 @@ GGUF_SUFFIX = ".gguf"
 GPT2_VOCAB = ENDOFTEXT_ID + 1
 # GPT-2's LayerNorm epsilon, which gptjax's LayerNorm uses too.
 LAYER_NORM_EPS = 1e-5
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the chat template
+MODEL_CONFIG = "config.json"  # transformers' model config, beside the tokenizer in a model folder
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How llama.cpp's converter writes one of gptjax's GQA families.
+
+    ``arch``: the ``gguf.MODEL_ARCH`` member. ``pre``: llama.cpp's name for the family's pre-tokenizer (its
+    converter finds it by hashing the tokenizer's output; these are the names it finds for the published
+    Qwen3 and Llama 3 tokenizers). ``interleaved_rope``: llama.cpp's ``llama`` architecture rotates adjacent
+    pairs of a head's dimensions (RoPE type "norm"), while gptjax, like Hugging Face, rotates dimension i with
+    i + head_dim / 2; the converter reorders the query and key rows of each head to match, and so does
+    this export. ``qwen3`` rotates the halves as gptjax does (RoPE type "neox"): no reordering."""
+
+    arch: str
+    pre: str
+    interleaved_rope: bool
+
+
+LAYOUTS = {"qwen3": Layout("QWEN3", pre="qwen2", interleaved_rope=False),
+           "llama3": Layout("LLAMA", pre="llama-bpe", interleaved_rope=True)}
 
 
 def save_gguf(
-    params: Params, cfg: GPTConfig, path: str | os.PathLike, *, gguf_type: str = "f32", overwrite: bool = False
+    params: Params, cfg: ModelConfig, path: str | os.PathLike, *, gguf_type: str = "f32",
+    tokenizer: str | os.PathLike | None = None, overwrite: bool = False,
 ) -> None:
     """Write ``params`` as one GGUF file at ``path`` (atomically; an existing file needs ``overwrite``).
 
     ``params`` must hold the shapes ``cfg`` implies (``gptjax.weights.save_weights`` checks that first).
-    The vocabulary must cover the GPT-2 tokenizer's 50,257 ids; rows past them (a padded vocabulary)
-    become unused ``[PADn]`` tokens, as llama.cpp's converter writes them.
+    GPT-2: the vocabulary must cover the GPT-2 tokenizer's 50,257 ids; ``tokenizer`` is not taken (the file
+    carries gptjax's bundled GPT-2 tokenizer). Qwen3 and Llama 3: ``tokenizer`` is the folder with the model's
+    ``tokenizer.json`` (its Hugging Face folder). Either way, rows past the tokenizer's ids (a padded
+    vocabulary) become unused ``[PADn]`` tokens, as llama.cpp's converter writes them.
     """
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
-    if cfg.vocab_size < GPT2_VOCAB:
-        raise ValueError(
-            f"the model's vocabulary ({cfg.vocab_size}) is smaller than the GPT-2 tokenizer's ({GPT2_VOCAB}), "
-            "which the GGUF file carries; only models trained on GPT-2 tokens can be exported to GGUF"
-        )
+    family = family_of(cfg)
+    if family == "gpt2":
+        if tokenizer is not None:
+            raise ValueError("tokenizer applies to Qwen3 and Llama 3 models; a GPT-2 GGUF carries gptjax's bundled "
+                             "GPT-2 tokenizer: drop it")
+        if cfg.vocab_size < GPT2_VOCAB:
+            raise ValueError(
+                f"the model's vocabulary ({cfg.vocab_size}) is smaller than the GPT-2 tokenizer's ({GPT2_VOCAB}), "
+                "which the GGUF file carries; only models trained on GPT-2 tokens can be exported to GGUF"
+            )
+    elif tokenizer is None:
+        raise ValueError(f"a {type(cfg).__name__} model's GGUF file carries its tokenizer: pass tokenizer=, the "
+                         f"folder with the model's {TOKENIZER_JSON} (its Hugging Face folder)")
     check_overwrite(path, overwrite)
     gguf = _import_gguf()
+    vocab = None if tokenizer is None else read_hf_vocab(tokenizer, cfg.vocab_size, gguf)
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
@@ -62,19 +112,23 @@ def save_gguf(
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }[gguf_type]
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
+    arch = gguf.MODEL_ARCH.GPT2 if family == "gpt2" else gguf.MODEL_ARCH[LAYOUTS[family].arch]
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(Path(path).stem)
-    writer.add_context_length(cfg.context_length)
-    writer.add_embedding_length(cfg.emb_dim)
-    writer.add_feed_forward_length(4 * cfg.emb_dim)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+    if family == "gpt2":
+        _add_gpt2_hparams(writer, cfg)
+    else:
+        _add_gqa_hparams(writer, cfg)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, cfg.vocab_size, gguf)
-    for name, value in to_tensors(params, cfg, gguf).items():
+    if family == "gpt2":
+        _add_gpt2_tokenizer(writer, cfg.vocab_size, gguf)
+        tensors = to_tensors(params, cfg, gguf)
+    else:
+        vocab.add_to(writer, LAYOUTS[family].pre)
+        tensors = gqa_tensors(params, cfg, gguf)
+    for name, value in tensors.items():
         data, data_type = _encode(name, value, qtype, gguf)
         writer.add_tensor(name, data, raw_dtype=data_type)
 
@@ -85,6 +139,33 @@ def save_gguf(
             writer.write_tensors_to_file()
         finally:
             writer.close()
+
+
+def _add_gpt2_hparams(writer: Any, cfg: GPTConfig) -> None:
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.emb_dim)
+    writer.add_feed_forward_length(4 * cfg.emb_dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_layer_norm_eps(LAYER_NORM_EPS)
+
+
+def _add_gqa_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """The keys llama.cpp reads for ``llama`` and ``qwen3``. The head size is written (``key_length``,
+    ``value_length``, ``rope.dimension_count``) because llama.cpp otherwise takes emb_dim / n_heads, which
+    Qwen3 0.6B's 128-wide heads are not. Llama 3's RoPE scaling is no key but the ``rope_freqs`` tensor."""
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.context_length)
+    writer.add_embedding_length(cfg.emb_dim)
+    writer.add_feed_forward_length(cfg.hidden_dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_groups)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_base)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
 
 
 def _import_gguf() -> Any:
@@ -137,6 +218,76 @@ def to_tensors(params: Params, cfg: GPTConfig, gguf: Any) -> dict[str, np.ndarra
     return dict(sorted(tensors.items(), key=lambda item: order[item[0]]))
 
 
+def gqa_table(cfg: ModelConfig, gguf: Any) -> list[Row]:
+    """llama.cpp's ``llama`` / ``qwen3`` tensor name -> gptjax tree path, for :mod:`gptjax.gqa`'s models.
+
+    Kernels are transposed to ggml's [out, in], as the converter stores Hugging Face's Linear weights. fc1,
+    fc2 and fc3 are SwiGLU's gate, up and down projections. A tied head has no ``output`` tensor: llama.cpp
+    then uses ``token_embd`` for it, the same matrix."""
+    T = gguf.MODEL_TENSOR
+
+    def name(tensor: Any, i: int | None = None) -> str:
+        return f"{gguf.TENSOR_NAMES[tensor].format(bid=i)}.weight"
+
+    table = [Row(name(T.TOKEN_EMBD), ("tok_emb", "embedding"))]
+    for i in range(cfg.n_layers):
+        b = ("trf_blocks", i)
+        table.append(Row(name(T.ATTN_NORM, i), (*b, "norm1", "scale")))
+        for tensor, proj in ((T.ATTN_Q, "W_query"), (T.ATTN_K, "W_key"), (T.ATTN_V, "W_value"),
+                             (T.ATTN_OUT, "out_proj")):
+            table.append(Row(name(tensor, i), (*b, "att", proj, "kernel"), transpose=True))
+        if cfg.qk_norm:
+            table += [Row(name(T.ATTN_Q_NORM, i), (*b, "att", "q_norm", "scale")),
+                      Row(name(T.ATTN_K_NORM, i), (*b, "att", "k_norm", "scale"))]
+        table.append(Row(name(T.FFN_NORM, i), (*b, "norm2", "scale")))
+        for tensor, fc in ((T.FFN_GATE, "fc1"), (T.FFN_UP, "fc2"), (T.FFN_DOWN, "fc3")):
+            table.append(Row(name(tensor, i), (*b, "ff", fc, "kernel"), transpose=True))
+    table.append(Row(name(T.OUTPUT_NORM), ("final_norm", "scale")))
+    if not cfg.tie_embeddings:
+        table.append(Row(name(T.OUTPUT), ("out_head", "kernel"), transpose=True))
+    return table
+
+
+def gqa_tensors(params: Params, cfg: ModelConfig, gguf: Any) -> dict[str, np.ndarray]:
+    """The tensors of llama.cpp's architecture for ``cfg``'s family, as float32 numpy: Llama 3's query and key
+    rows reordered for llama.cpp's RoPE (:class:`Layout`), and its ``rope_freqs`` first, where the converter
+    puts them."""
+    tensors = tensors_from_params(gqa_table(cfg, gguf), params)
+    if LAYOUTS[family_of(cfg)].interleaved_rope:
+        T = gguf.MODEL_TENSOR
+        for i in range(cfg.n_layers):
+            for tensor, n_heads in ((T.ATTN_Q, cfg.n_heads), (T.ATTN_K, cfg.n_kv_groups)):
+                key = f"{gguf.TENSOR_NAMES[tensor].format(bid=i)}.weight"
+                tensors[key] = interleave_rope_rows(tensors[key], n_heads)
+    if cfg.rope_freq is None:
+        return tensors
+    return {f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight": llama3_rope_factors(cfg), **tensors}
+
+
+def interleave_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """``weight`` [n_heads * head_dim, in] with each head's rows 0, d/2, 1, d/2 + 1, ...: the pair that
+    split-halves RoPE rotates together (i, i + d/2) becomes adjacent rows (2i, 2i + 1), the pair llama.cpp's
+    ``llama`` architecture rotates, by the same angle. Queries and keys reordered alike give the same dot
+    products, so attention is unchanged."""
+    head_dim = weight.shape[0] // n_heads
+    return np.ascontiguousarray(weight.reshape(n_heads, 2, head_dim // 2, -1).swapaxes(1, 2).reshape(weight.shape))
+
+
+def llama3_rope_factors(cfg: ModelConfig) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for Llama 3's RoPE scaling: per frequency, what it divides the unscaled
+    frequency by (1 for wavelengths under the original context / high_freq_factor, ``factor`` over the original
+    context / low_freq_factor, a smooth blend between), which gives the frequencies :mod:`gptjax.gqa`
+    computes."""
+    f = cfg.rope_freq
+    inv_freq = 1.0 / cfg.rope_base ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (f.original_context_length / wavelen - f.low_freq_factor) / (f.high_freq_factor - f.low_freq_factor)
+    blended = 1 / ((1 - smooth) / f.factor + smooth)
+    factors = np.where(wavelen < f.original_context_length / f.high_freq_factor, 1.0,
+                       np.where(wavelen > f.original_context_length / f.low_freq_factor, f.factor, blended))
+    return factors.astype(np.float32)
+
+
 def _encode(name: str, value: np.ndarray, qtype: Any, gguf: Any) -> tuple[np.ndarray, Any]:
     """(data, ggml type) for one tensor, keeping in float32 what llama.cpp's converter keeps there: vectors
     (biases, LayerNorms) and the position embedding. A matrix whose rows are not a whole number of q8_0
@@ -150,7 +301,7 @@ def _encode(name: str, value: np.ndarray, qtype: Any, gguf: Any) -> tuple[np.nda
         return gguf.quants.quantize(value, F16), F16
 
 
-def _add_tokenizer(writer: Any, vocab_size: int, gguf: Any) -> None:
+def _add_gpt2_tokenizer(writer: Any, vocab_size: int, gguf: Any) -> None:
     tokens, merges = gpt2_tokens_and_merges()
     types = [gguf.TokenType.NORMAL] * ENDOFTEXT_ID + [gguf.TokenType.CONTROL]
     pad = range(GPT2_VOCAB, vocab_size)
@@ -164,6 +315,105 @@ def _add_tokenizer(writer: Any, vocab_size: int, gguf: Any) -> None:
     writer.add_unk_token_id(ENDOFTEXT_ID)
     # gptjax feeds the prompt's tokens as they are; llama.cpp must not put a BOS before them either.
     writer.add_add_bos_token(False)
+
+
+@dataclass(frozen=True)
+class HFVocab:
+    """A Hugging Face byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer model holds it: ``tokens`` and
+    their ``types`` for every id of the model's vocabulary, ``merges`` as ``"left right"``, the special tokens'
+    ids (``bos``, ``eos``, ``unk``, ``pad``), whether a BOS starts every encoded text, and the chat template."""
+
+    tokens: list[str]
+    types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int]
+    add_bos: bool
+    chat_template: str | list | None
+
+    def add_to(self, writer: Any, pre: str) -> None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.types)
+        writer.add_token_merges(self.merges)
+        for kind, token_id in self.special_ids.items():
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+        writer.add_add_bos_token(self.add_bos)
+        if self.chat_template is not None:
+            writer.add_chat_template(self.chat_template)
+
+
+def read_hf_vocab(folder: str | os.PathLike, vocab_size: int, gguf: Any) -> HFVocab:
+    """``folder``'s ``tokenizer.json`` (with ``tokenizer_config.json`` and ``config.json`` when there) for a
+    model of ``vocab_size`` rows, read as llama.cpp's converter reads it.
+
+    Token types: ``added_tokens`` marked special, or spelt ``<|...|>``, are control tokens; other added tokens
+    (Qwen3's ``<think>``) user-defined; ids no token has, unused ``[PADn]``. Special tokens: by name from
+    tokenizer_config.json (``bos_token``, ...), else by id from config.json (Qwen3 names no BOS but its
+    config.json gives one). A BOS is added where tokenizer_config.json says ``add_bos_token``, else where the
+    tokenizer's post-processor template starts with it (Llama 3's does)."""
+    folder = Path(folder)
+    if not (folder / TOKENIZER_JSON).is_file():
+        raise ValueError(f"tokenizer {folder}: no {TOKENIZER_JSON} there; pass the model's Hugging Face folder, "
+                         "which holds it")
+    spec = _read_json(folder / TOKENIZER_JSON)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise ValueError(f"tokenizer {folder / TOKENIZER_JSON} is not a byte-level BPE tokenizer, the kind GGUF "
+                         "export writes (Qwen3's, Llama 3's); give the model's own tokenizer folder")
+    T = gguf.TokenType
+    pieces = {i: (token, T.NORMAL) for token, i in model["vocab"].items()}
+    for added in spec.get("added_tokens") or []:
+        text = added["content"]
+        control = added.get("special") or (text.startswith("<|") and text.endswith("|>"))
+        pieces[added["id"]] = (text, T.CONTROL if control else T.USER_DEFINED)
+    if max(pieces) >= vocab_size:
+        raise ValueError(f"tokenizer {folder} has ids up to {max(pieces)}, past the model's vocabulary "
+                         f"({vocab_size} rows); give the model's own tokenizer folder")
+    tokens, types = zip(*(pieces.get(i, (f"[PAD{i}]", T.UNUSED)) for i in range(vocab_size)))
+    # Byte-level BPE spells a space as "Ġ", so no part of a merge holds one: "left right" is unambiguous.
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+
+    config = _read_json(folder / TOKENIZER_CONFIG)
+    ids = {token: i for i, token in enumerate(tokens)}
+    special = {}
+    for kind in ("bos", "eos", "unk", "pad"):
+        entry = config.get(f"{kind}_token")
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        if text in ids:
+            special[kind] = ids[text]
+    model_config = _read_json(folder / MODEL_CONFIG)
+    for kind in ("bos", "eos"):
+        token_id = model_config.get(f"{kind}_token_id")
+        if kind not in special and isinstance(token_id, int) and 0 <= token_id < vocab_size:
+            special[kind] = token_id
+    add_bos = config.get("add_bos_token")
+    if not isinstance(add_bos, bool):
+        add_bos = "bos" in special and _template_starts_with(spec.get("post_processor"), tokens[special["bos"]])
+    template = config.get("chat_template")
+    if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
+        template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return HFVocab(list(tokens), list(types), merges, special, add_bos, template)
+
+
+def _template_starts_with(post_processor: dict | None, token: str) -> bool:
+    """Whether the tokenizer's TemplateProcessing (alone or in a Sequence) puts ``token`` before every text."""
+    processors = (post_processor or {}).get("processors", [post_processor or {}])
+    for processor in processors:
+        if processor.get("type") == "TemplateProcessing":
+            single = processor.get("single") or [{}]
+            return (single[0].get("SpecialToken") or {}).get("id") == token
+    return False
+
+
+def _read_json(path: Path) -> dict:
+    """``path``'s JSON object; ``{}`` where there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {one_line(e)}") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,4 +456,5 @@ def _bpe(piece: bytes, ranks: dict[bytes, int], *, max_rank: int) -> list[bytes]
     return parts
 
 
-__all__ = ["GGUF_SUFFIX", "GGUF_TYPES", "gguf_table", "gpt2_tokens_and_merges", "save_gguf", "to_tensors"]
+__all__ = ["GGUF_SUFFIX", "GGUF_TYPES", "LAYOUTS", "HFVocab", "gguf_table", "gpt2_tokens_and_merges", "gqa_table",
+           "gqa_tensors", "interleave_rope_rows", "llama3_rope_factors", "read_hf_vocab", "save_gguf", "to_tensors"]
