@@ -257,9 +257,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def compiled_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, jax.Array],
                               pos: jax.Array, cache_rows: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    b, _, heads, head_dim = q.shape
-    rows = [y.reshape(b, heads, head_dim) for y in (q, k, v)]
-    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, (b,)),
+    rows = [y.reshape(y.shape[0], *y.shape[2:]) for y in (q, k, v)]
+    out, cache_k, cache_v = cpu_kernels.cached_attention(*rows, cache["k"], cache["v"], jnp.broadcast_to(pos, q.shape[:1]),
                                                          cache_rows)
     return out.reshape(q.shape), {"k": cache_k, "v": cache_v}
 
@@ -271,7 +270,7 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache: dict[str, 
     batch is row r of the cache) and attend over them; q, k, v [batch, t, heads, head_dim]. Returns
     (context, new cache)."""
     pos = jnp.asarray(pos, jnp.int32)
-    compiled = (q.shape[1] == 1 and q.shape[2] == k.shape[2] and cpu_kernels.unavailable() is None
+    compiled = (q.shape[1] == 1 and cpu_kernels.unavailable() is None
                 and all(a.dtype == jnp.float32 for a in (q, k, v, cache["k"], cache["v"])))
     if not compiled:
         return attend_with_cache(q, k, v, cache, pos, cache_rows)

@@ -131,8 +131,10 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
                      isa: str = "auto") -> tuple[jax.Array, jax.Array, jax.Array]:
     """One new position's attention over a KV cache, and the cache with that position written.
 
-    q, k, v: [rows, heads, head_dim] float32, the new query, key and value of each row; cache_k, cache_v:
-    [cache_rows, heads, slots, head_dim] float32; pos: [rows] int32, each row's position; ``cache_rows``:
+    q: [rows, heads, head_dim], k, v: [rows, groups, head_dim] float32, the new queries, keys and values of
+    each row (``groups`` dividing ``heads``: key/value head g serves the g-th run of heads / groups query
+    heads, grouped-query attention); cache_k, cache_v: [cache_rows, groups, slots, head_dim] float32; pos:
+    [rows] int32, each row's position; ``cache_rows``:
     [rows] int32, the cache row each row reads and writes (default: row r uses cache row r, and then the
     cache has ``rows`` rows). Writes row r's key and value at slot pos[r] (clamped into the cache) and
     returns (the attention output [rows, heads, head_dim] of each query over slots 0..pos[r], the new
@@ -142,14 +144,17 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     give their buffers to the results (a donated or loop-carried cache).
     """
     _check_available()
-    rows, heads, slots, head_dim = (q.shape[0], *cache_k.shape[1:]) if cache_k.ndim == 4 and q.ndim == 3 else (None,) * 4
+    rows, groups, slots, head_dim = ((q.shape[0], *cache_k.shape[1:]) if cache_k.ndim == 4 and q.ndim == 3
+                                     else (None,) * 4)
     if cache_rows is None:
         cache_rows = jnp.arange(cache_k.shape[0] if cache_k.ndim == 4 else 0, dtype=jnp.int32)
-    if (cache_k.ndim != 4 or cache_v.shape != cache_k.shape or q.shape != (rows, heads, head_dim)
-            or k.shape != q.shape or v.shape != q.shape or pos.shape != (rows,) or cache_rows.shape != (rows,)):
-        raise ValueError("cached_attention needs q, k, v [rows, heads, head_dim], caches [cache_rows, heads, slots, "
-                         f"head_dim] and pos, cache_rows [rows]; got q {q.shape}, k {k.shape}, v {v.shape}, caches "
-                         f"{cache_k.shape} {cache_v.shape}, pos {pos.shape}, cache_rows {cache_rows.shape}")
+    if (cache_k.ndim != 4 or cache_v.shape != cache_k.shape or q.shape[::2] != (rows, head_dim)
+            or q.shape[1] % groups or k.shape != (rows, groups, head_dim) or v.shape != k.shape
+            or pos.shape != (rows,) or cache_rows.shape != (rows,)):
+        raise ValueError("cached_attention needs q [rows, heads, head_dim], k, v [rows, groups, head_dim] with groups "
+                         "dividing heads, caches [cache_rows, groups, slots, head_dim] and pos, cache_rows [rows]; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}, caches {cache_k.shape} {cache_v.shape}, pos "
+                         f"{pos.shape}, cache_rows {cache_rows.shape}")
     if not all(a.dtype == jnp.float32 for a in (q, k, v, cache_k, cache_v)):
         raise ValueError("cached_attention reads float32 queries, keys, values and caches")
     out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(cache_k.shape, jnp.float32),

@@ -46,9 +46,8 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
-from gptjax.quantize import quantize_params
 from gptjax.buckets import batch_buckets, length_bucket
-from gptjax.sampling import position_keys, row_keys, sample_rows
+from gptjax.sampling import decoding_weights, position_keys, row_keys, sample_rows
 from gptjax.tokenizer import ENDOFTEXT_ID
 
 MAX_LOGPROBS = 5  # OpenAI's completions API allows logprobs up to 5
@@ -213,9 +212,9 @@ class Engine:
         if burst_steps < 1:
             raise ValueError(f"burst_steps must be at least 1, got {burst_steps}")
         self.burst_steps, self.stop_ids = burst_steps, stop_ids
+        self.params, cfg = decoding_weights(params, cfg, weights_dtype)
         self.cfg, self.max_batch, self.dtype = cfg, max_batch, jnp.dtype(dtype).name
         self.prefill_chunk = min(prefill_chunk, cfg.context_length)
-        self.params = quantize_params(params, weights_dtype)
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.scoring: queue.Queue[ScoreRequest] = queue.Queue(maxsize=max_queue)
         self._unscored: list[ScoreRequest] = []  # taken from the queue, not yet in a pass

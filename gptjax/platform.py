@@ -61,7 +61,9 @@ Why (benchmarks/NOTES.md has the measurements):
   most twice the filled length. The compiled attention reads only the filled slots whatever the cache's
   length, so on CPU one cache of the whole context costs no step anything, and one program serves every
   continuation: a longer one compiles (or loads from the persistent cache) nothing a short one did not.
-  This is chosen for the device the weights are on, where the decode programs are compiled.
+  This is chosen for the device the weights are on, where the decode programs are compiled. The compiled
+  attention serves grouped-query heads (Llama 3, Qwen3) too: each key/value head's slots are read once for
+  the query heads it serves.
 """
 
 from __future__ import annotations
@@ -192,6 +194,12 @@ def decode_cache_grows(params: Any) -> bool:
     return not (all(d.platform == "cpu" for d in devices) and cpu_kernels.unavailable() is None)
 
 
+def head_as_kernel(params: Any) -> bool:
+    """Whether decoding from ``params`` multiplies a tied output head as a kernel of its own (CPU with the
+    compiled kernels, where a Linear layer reads its weights at their stored width: see the table above)."""
+    return not decode_cache_grows(params)
+
+
 # --- q, k, v projections ---------------------------------------------------------------------------
 
 
@@ -290,5 +298,5 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
 
 
 __all__ = ["layer_norm_mean", "project_qkv", "logits", "block_input", "sum_of_squares", "backward_barrier",
-           "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul", "decode_cache_grows",
+           "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul", "decode_cache_grows", "head_as_kernel",
            "VOCAB_MULTIPLE"]

@@ -46,6 +46,7 @@ from gptjax import cpu_kernels, platform
 from gptjax.buckets import length_bucket
 from gptjax.config import GPTConfig
 from gptjax.model import Params, apply, apply_with_cache, init_cache
+from gptjax.gqa import untie_head
 from gptjax.quantize import check_weights_dtype, quantize_params
 
 _MIN_KV_BUCKET = 64
@@ -256,12 +257,18 @@ def position_keys(keys: jax.Array, position: jax.Array) -> jax.Array:
 # Generation.
 
 
+# Up to this many positions, a cache that needs no growing (the compiled attention) is the whole context, so
+# one program serves every continuation; Llama 3's 131,072 positions would be 8 GB a row.
+_WHOLE_CACHE_SLOTS = 4096
+
+
 def _kv_buckets(prompt_bucket: int, buffer_len: int, context: int, *, grow: bool = True) -> list[int]:
     """The cache lengths the decode loop runs at, shortest first: powers of two from the padded prompt
     (at least _MIN_KV_BUCKET) up to the last position the cache can hold, at most ``context``; without
-    ``grow`` (:func:`gptjax.platform.decode_cache_grows`), the context alone."""
+    ``grow`` (:func:`gptjax.platform.decode_cache_grows`), one cache of the whole context, or of what the call
+    needs where the context is longer than _WHOLE_CACHE_SLOTS."""
     if not grow:
-        return [context]
+        return [min(context, max(_WHOLE_CACHE_SLOTS, buffer_len))]
     last = min(buffer_len, context)
     buckets = [min(max(prompt_bucket, _MIN_KV_BUCKET), context)]
     while buckets[-1] < last:
@@ -478,6 +485,14 @@ def _check_generate_settings(cfg: GPTConfig, max_new_tokens: Any, temperature: A
         raise ValueError("sampling with temperature > 0 needs rng=jax.random.key(seed) (or an int seed)")
 
 
+def decoding_weights(params: Params, cfg: GPTConfig, weights_dtype: str) -> tuple[Params, GPTConfig]:
+    """The tree and config a decode runs on: the kernels stored as ``weights_dtype``, and on CPU a tied output
+    head as a kernel of its own (:func:`gptjax.gqa.untie_head`; the same logits)."""
+    if getattr(cfg, "tie_embeddings", False) and platform.head_as_kernel(params):
+        params, cfg = untie_head(params, cfg)
+    return quantize_params(params, weights_dtype), cfg
+
+
 def generate(
     params: Params,
     cfg: GPTConfig,
@@ -513,7 +528,7 @@ def generate(
         return ids.astype(np.int32)
     key = jax.random.key(rng) if isinstance(rng, (int, np.integer)) else (rng if rng is not None else jax.random.key(0))
 
-    params = quantize_params(params, weights_dtype)
+    params, cfg = decoding_weights(params, cfg, weights_dtype)
     if weights_dtype != "float32" and jax.default_backend() == "cpu" and (why := cpu_kernels.unavailable()):
         warnings.warn(f"{why}; decoding from {weights_dtype} weights widens them to float32 every step, "
                       "slower than float32 weights", stacklevel=2)

@@ -118,8 +118,11 @@ def test_refuses_what_it_cannot_compute():
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.float16))
     with pytest.raises(ValueError, match="isa must be one of"):
         cpu_kernels.weights_matmul(jnp.ones((1, 4)), jnp.ones((4, 3), jnp.bfloat16), isa="sse")
-    with pytest.raises(ValueError, match=r"cached_attention needs q, k, v \[rows, heads, head_dim\]"):
+    with pytest.raises(ValueError, match=r"cached_attention needs q \[rows, heads, head_dim\]"):
         cpu_kernels.cached_attention(*(jnp.ones((1, 2, 8)),) * 3, *(jnp.ones((1, 2, 4, 4)),) * 2, jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="groups dividing heads"):  # 3 key/value heads for 4 query heads
+        cpu_kernels.cached_attention(jnp.ones((1, 4, 8)), *(jnp.ones((1, 3, 8)),) * 2, *(jnp.ones((1, 3, 4, 8)),) * 2,
+                                     jnp.zeros(1, jnp.int32))
     with pytest.raises(ValueError, match="reads float32"):
         cpu_kernels.cached_attention(*(jnp.ones((1, 2, 8), jnp.bfloat16),) * 3, *(jnp.ones((1, 2, 4, 8)),) * 2,
                                      jnp.zeros(1, jnp.int32))
@@ -129,18 +132,21 @@ def test_refuses_what_it_cannot_compute():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_cached_attention_matches_xla(isa):
+@pytest.mark.parametrize("groups", [4, 2, 1])
+def test_cached_attention_matches_xla(isa, groups):
     """Against the XLA update and attention it replaces (gptjax.attention.attend_with_cache): the cache written
     identically, the output within float32 rounding, at the first slot, in the middle, at the last slot,
-    and past it (clamped, as XLA's update is); rows at different positions."""
+    and past it (clamped, as XLA's update is); rows at different positions; multi-head attention and
+    grouped-query attention (2 and 1 key/value heads for 4 query heads)."""
     rng = np.random.default_rng(3)
     b, heads, slots, head_dim = 3, 4, 20, 24  # head_dim not a multiple of the kernel's 16 partial sums
-    q, k, v = (jnp.asarray(rng.standard_normal((b, 1, heads, head_dim)), jnp.float32) for _ in range(3))
-    cache = {name: jnp.asarray(rng.standard_normal((b, heads, slots, head_dim)), jnp.float32) for name in "kv"}
+    q = jnp.asarray(rng.standard_normal((b, 1, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, 1, groups, head_dim)), jnp.float32) for _ in range(2))
+    cache = {name: jnp.asarray(rng.standard_normal((b, groups, slots, head_dim)), jnp.float32) for name in "kv"}
     run = jax.jit(functools.partial(cpu_kernels.cached_attention, isa=isa))
     for positions in ([0, 0, 0], [0, 7, 19], [19, 25, 3]):
         pos = np.array(positions, np.int32)
-        out, cache_k, cache_v = run(*(y.reshape(b, heads, head_dim) for y in (q, k, v)), cache["k"], cache["v"], pos)
+        out, cache_k, cache_v = run(*(y[:, 0] for y in (q, k, v)), cache["k"], cache["v"], pos)
         for r, p in enumerate(positions):
             want, want_cache = attend_with_cache(q[r:r + 1], k[r:r + 1], v[r:r + 1],
                                                  {name: c[r:r + 1] for name, c in cache.items()}, p)

@@ -35,6 +35,9 @@ def test_kv_buckets():
     assert _kv_buckets(16, 64, 32) == [32]  # contexts below the smallest bucket
     assert _kv_buckets(16, 1024, 200) == [64, 128, 200]  # a context that is not a power of two ends the list
     assert _kv_buckets(16, 512, 1024, grow=False) == [1024]
+    # A long context (Qwen3's 40,960): a cache of what the call needs, at least the whole-cache size.
+    assert _kv_buckets(16, 512, 40960, grow=False) == [4096]
+    assert _kv_buckets(16, 8192, 40960, grow=False) == [8192]
 
 
 @pytest.mark.parametrize("grow", [True, False], ids=["grown", "whole-context"])

@@ -12,6 +12,7 @@ from transformers import Qwen3Config as HFQwen3Config
 from transformers import Qwen3ForCausalLM
 
 import gptjax
+from gptjax.gqa import untie_head
 from gptjax.llama3 import LLAMA3_CONFIGS, Llama3Config
 from gptjax.model import apply_with_cache, init_cache
 from gptjax.qwen3 import QWEN3_CONFIGS, Qwen3Config
@@ -138,6 +139,19 @@ def test_generate_runs_every_family():
             tokens = np.concatenate([tokens, np.asarray(gptjax.apply(params, cfg, window))[:, -1].argmax(-1)[:, None]], 1)
         np.testing.assert_array_equal(gptjax.generate(params, cfg, ids, 12), tokens)
     assert gptjax.generate(params, cfg, ids, 4, weights_dtype="int8").shape == (2, 18)
+
+
+def test_an_untied_copy_of_a_tied_head_gives_the_same_logits():
+    """What decoding on CPU runs on (gptjax.gqa.untie_head): the head as a kernel of its own, the embedding
+    transposed; generate takes it (the test above: the greedy tokens of the tied model's full pass)."""
+    cfg = Qwen3Config(vocab_size=300, context_length=16, emb_dim=64, n_heads=4, n_layers=2, hidden_dim=96,
+                      head_dim=32, n_kv_groups=2)
+    params = gptjax.init_params(cfg, 1)
+    untied, untied_cfg = untie_head(params, cfg)
+    assert not untied_cfg.tie_embeddings and untie_head(untied, untied_cfg) == (untied, untied_cfg)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 9))
+    np.testing.assert_allclose(np.asarray(gptjax.apply(untied, untied_cfg, ids)),
+                               np.asarray(gptjax.apply(params, cfg, ids)), rtol=1e-6, atol=1e-5)
 
 
 def test_the_books_training_loop_runs_a_family():

@@ -125,3 +125,19 @@ def test_template_refusals_are_400s(server):
     assert reply.json()["error"]["message"].startswith("the model's chat template refused the messages")
     reply = httpx.post(server + "/v1/chat/completions", json={**body, "chat_template_kwargs": "thinking"})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_a_long_context_is_served_capped(capsys):
+    """Qwen3's 40,960 positions would make each slot's KV cache 4.6 GB: the server holds 4,096 unless told."""
+    from gptjax.cli.serve import SERVE_CONTEXT, _serving_context
+    from gptjax.config import GPTConfig
+
+    cfg = Qwen3Config()
+    assert _serving_context(cfg, None).context_length == SERVE_CONTEXT == 4096
+    assert "--context-length N for longer ones" in capsys.readouterr().err
+    assert _serving_context(cfg, 8192).context_length == 8192
+    with pytest.raises(ValueError, match="--context-length must be in 1..40960"):
+        _serving_context(cfg, 50000)
+    with pytest.raises(ValueError, match="GPT-2's learned positions fix its context at 256"):
+        _serving_context(GPTConfig(), 128)
+    assert _serving_context(GPTConfig(), None) == GPTConfig()

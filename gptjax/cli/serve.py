@@ -2,7 +2,7 @@
 
     python -m gptjax.serve --weights PATH [--host 127.0.0.1] [--port 8000] [--max-batch 8]
         [--weights-dtype {float32,bfloat16,int8}] [--dtype {float32,bfloat16}] [--api-key KEY]
-        [--max-queue 64] [--grace-seconds 30] [--n-heads N]
+        [--max-queue 64] [--grace-seconds 30] [--n-heads N] [--context-length N]
 
 PATH is anything gptjax.weights.load_weights reads; a Llama 3 or Qwen3 model's tokenizer and chat template come
 from the tokenizer files beside its weights (gptjax.weights.tokenizer_folder). Endpoints: POST /v1/completions, POST /v1/chat/completions,
@@ -19,12 +19,15 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
 from gptjax import cli
 from gptjax.app import Server, create_app
 from gptjax.quantize import WEIGHTS_DTYPES
+
+SERVE_CONTEXT = 4096  # a rotary model's default longest request: the KV cache holds max_batch of them
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the matmul weights as bfloat16 or int8 for decoding (default: float32)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="matmul compute dtype (default: float32)")
+    p.add_argument("--context-length", type=int, metavar="N", help="the longest request (prompt and completion) "
+                   "a slot holds, for a model with rotary positions (Llama 3, Qwen3), whose KV cache of its whole "
+                   f"context would not fit (default: the model's context, at most {SERVE_CONTEXT}; GPT-2: its own)")
     p.add_argument("--api-key", default=os.environ.get("GPTJAX_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: $GPTJAX_API_KEY, else none)")
     cli.add_compile_cache_flags(p)
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--grace-seconds must be at least 0, got {args.grace_seconds}")
         params, cfg = cli.load_weights_flag(args.weights, args.n_heads)
         tokenizer, chat = cli.model_text_flag(args.weights, cfg)
+        cfg = _serving_context(cfg, args.context_length)
     except (ValueError, OSError) as e:
         return cli.fail(e)
     name = args.weights if cli.is_hub_id_flag(args.weights) else Path(args.weights).resolve().name
@@ -75,6 +82,22 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=args.grace_seconds)
     Server(config).run()
     return 0
+
+
+def _serving_context(cfg: Any, context_length: int | None) -> Any:
+    """The config the engine serves: a rotary model's context capped (its KV cache is max_batch slots of it;
+    Qwen3-0.6B's 40,960 positions are 4.6 GB a slot), GPT-2's as its position table fixes it."""
+    if not hasattr(cfg, "rope_base"):
+        if context_length not in (None, cfg.context_length):
+            raise ValueError(f"--context-length: GPT-2's learned positions fix its context at {cfg.context_length}; "
+                             "drop the flag")
+        return cfg
+    if context_length is not None and not 0 < context_length <= cfg.context_length:
+        raise ValueError(f"--context-length must be in 1..{cfg.context_length}, the model's context, got {context_length}")
+    if context_length is None and cfg.context_length > SERVE_CONTEXT:
+        print(f"note: serving requests of up to {SERVE_CONTEXT} tokens (the model's context is {cfg.context_length}); "
+              "--context-length N for longer ones", file=sys.stderr)
+    return cfg.replace(context_length=context_length or min(cfg.context_length, SERVE_CONTEXT))
 
 
 if __name__ == "__main__":

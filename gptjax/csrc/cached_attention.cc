@@ -92,28 +92,31 @@ AttendFn attend_for(gptjax::Isa isa) {
   return attend_portable;
 }
 
-// q, k, v: [rows, heads, head_dim]; the caches [cache_rows, heads, slots, head_dim]; pos, cache_row: [rows].
-// Row r's key and value go to slot pos[r] (clamped into the cache, as XLA's dynamic-update-slice clamps)
-// of cache row cache_row[r], and its query attends to that row's slots 0..pos[r].
+// q: [rows, heads, head_dim]; k, v: [rows, groups, head_dim]; the caches [cache_rows, groups, slots, head_dim];
+// pos, cache_row: [rows]. groups divides heads: key/value head g serves query heads g * heads / groups and
+// the next heads / groups - 1 (grouped-query attention; groups == heads is multi-head attention). Row r's
+// keys and values go to slot pos[r] (clamped into the cache, as XLA's dynamic-update-slice clamps) of cache
+// row cache_row[r], and its queries attend to that row's slots 0..pos[r].
 ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cache_k, ffi::Buffer<ffi::F32> cache_v,
                            ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::S32> cache_row, ffi::ResultBuffer<ffi::F32> out,
                            ffi::ResultBuffer<ffi::F32> new_k, ffi::ResultBuffer<ffi::F32> new_v, int32_t isa) {
   const auto dims = cache_k.dimensions();
   if (dims.size() < 3 || cache_v.dimensions().size() != dims.size()) {
-    return ffi::Error::InvalidArgument("cached_attention: caches must be [..., heads, slots, head_dim]");
+    return ffi::Error::InvalidArgument("cached_attention: caches must be [..., groups, slots, head_dim]");
   }
-  const int64_t head_dim = dims[dims.size() - 1], slots = dims[dims.size() - 2], heads = dims[dims.size() - 3];
+  const int64_t head_dim = dims[dims.size() - 1], slots = dims[dims.size() - 2], groups = dims[dims.size() - 3];
   const int64_t rows = static_cast<int64_t>(pos.element_count());
-  const int64_t cache_rows = cache_k.element_count() / std::max<int64_t>(1, heads * slots * head_dim);
-  if (cache_k.element_count() != cache_rows * heads * slots * head_dim || cache_row.element_count() != rows ||
+  const int64_t cache_rows = cache_k.element_count() / std::max<int64_t>(1, groups * slots * head_dim);
+  const int64_t heads = q.element_count() / std::max<int64_t>(1, rows * head_dim);
+  if (cache_k.element_count() != cache_rows * groups * slots * head_dim || cache_row.element_count() != rows ||
       cache_v.element_count() != cache_k.element_count() || q.element_count() != rows * heads * head_dim ||
-      k.element_count() != q.element_count() || v.element_count() != q.element_count() ||
-      out->element_count() != q.element_count() || new_k->element_count() != cache_k.element_count() ||
-      new_v->element_count() != cache_v.element_count()) {
+      groups == 0 || heads % groups != 0 || k.element_count() != rows * groups * head_dim ||
+      v.element_count() != k.element_count() || out->element_count() != q.element_count() ||
+      new_k->element_count() != cache_k.element_count() || new_v->element_count() != cache_v.element_count()) {
     return ffi::Error::InvalidArgument(
-        "cached_attention: q, k, v must be [rows, heads, head_dim] for caches [cache_rows, heads, slots, head_dim] "
-        "and pos, cache_row [rows]");
+        "cached_attention: q must be [rows, heads, head_dim] and k, v [rows, groups, head_dim] for caches "
+        "[cache_rows, groups, slots, head_dim], groups dividing heads, and pos, cache_row [rows]");
   }
   const int32_t* rd = cache_row.typed_data();
   for (int64_t r = 0; r < rows; ++r) {
@@ -135,21 +138,25 @@ ffi::Error CachedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int32_t* pd = pos.typed_data();
   float* od = out->typed_data();
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // One task per (row, head); a task writes its slot before reading, so it reads nothing another writes
-  // (rows that write share no cache row: the caller's contract). A row at a negative position writes
-  // nothing and reads nothing: the padding rows of a serving batch, which may name any cache row.
-  gptjax::run_tasks(pool, threads, rows * heads, [=](int64_t t) {
-    const int64_t r = t / heads, h = t % heads;
+  // One task per (row, key/value head); a task writes its slot before reading, so it reads nothing another
+  // writes (rows that write share no cache row: the caller's contract), then attends for each query head the
+  // key/value head serves. A row at a negative position writes nothing and reads nothing: the padding rows
+  // of a serving batch, which may name any cache row.
+  const int64_t per_group = heads / groups;
+  gptjax::run_tasks(pool, threads, rows * groups, [=](int64_t t) {
+    const int64_t r = t / groups, g = t % groups;
     const int64_t at = std::min<int64_t>(pd[r], slots - 1);
     const int64_t visible = pd[r] < 0 ? 0 : at + 1;
-    float* kc = ck + (rd[r] * heads + h) * slots * head_dim;
-    float* vc = cv + (rd[r] * heads + h) * slots * head_dim;
+    float* kc = ck + (rd[r] * groups + g) * slots * head_dim;
+    float* vc = cv + (rd[r] * groups + g) * slots * head_dim;
     if (pd[r] >= 0) {
       std::memcpy(kc + at * head_dim, kd + t * head_dim, head_dim * sizeof(float));
       std::memcpy(vc + at * head_dim, vd + t * head_dim, head_dim * sizeof(float));
     }
     std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(visible, 1)));
-    attend_fn(qd + t * head_dim, kc, vc, od + t * head_dim, scores.data(), visible, head_dim);
+    for (int64_t h = (r * heads + g * per_group) * head_dim, end = h + per_group * head_dim; h < end; h += head_dim) {
+      attend_fn(qd + h, kc, vc, od + h, scores.data(), visible, head_dim);
+    }
   });
   return ffi::Error::Success();
 }
