@@ -201,7 +201,7 @@ class Completions:
         refresh(choices, trackers, requests)
         prefixes, out = self._prefixes(job), []
         for i, (c, t) in enumerate(zip(choices, trackers)):
-            reason = finish_reason(c)
+            reason = finish_reason(c, t)
             if job.chat:
                 out.append({"index": i, "message": {"role": "assistant", "content": t.text},
                             "finish_reason": reason, "logprobs": None})
@@ -242,7 +242,7 @@ class Completions:
                         sent[i] = len(text)
                     if final:
                         done.add(i)
-                        yield self._chunk(job, i, None if job.chat else "", finish_reason(c))
+                        yield self._chunk(job, i, None if job.chat else "", finish_reason(c, t))
                 if len(done) == n:
                     break
                 await job.events.get()

@@ -270,10 +270,12 @@ def is_done(choice: Choice, tracker: TextTracker) -> bool:
     return (choice.finish is not None or tracker.stopped) and choice.scored
 
 
-def finish_reason(choice: Choice) -> str:
+def finish_reason(choice: Choice, tracker: TextTracker) -> str:
+    """"stop" when a stop string or an end id ended the choice, "length" when its tokens ran out: a stop string
+    found in the last tokens counts even when the engine had already finished the request by its length."""
     if choice.finish and choice.finish.startswith("error"):
         raise APIError(500, f"generation failed: {choice.finish}", None, "engine_error", "server_error")
-    return "length" if choice.finish == "length" else "stop"
+    return "length" if choice.finish == "length" and not tracker.stopped else "stop"
 
 
 def joined(*blocks: dict | None) -> dict | None:

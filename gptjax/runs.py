@@ -29,7 +29,7 @@ from gptjax import hellaswag, sharding
 from gptjax.atomic import atomic_file
 from gptjax.checkpoint import CHECKPOINTS, checkpoint_manager, latest_step, restore_checkpoint, save_checkpoint
 from gptjax.presets import ModelConfig, config_from_dict, config_to_dict, family_of
-from gptjax.tokenizer import TOKENIZER_FILES, get_tokenizer, load_tokenizer
+from gptjax.tokenizer import TOKENIZER_FILES, load_tokenizer
 from gptjax.dashboard import Dashboards, check_wandb, new_wandb_id
 from gptjax.data import DataLoader, DataSource, build_loaders
 from gptjax.model import Params, abstract_params, init_params, param_count
@@ -141,12 +141,13 @@ class RunSettings:
                    Monitoring(**config.get("monitoring", {})), config["data"].get("tokenizer"))
 
     def encoding(self) -> Any:
-        """The tokenizer of the run's text (its model's own, or GPT-2's)."""
+        """The tokenizer of the run's text: its model's own, or None for GPT-2's bundled one (what the data,
+        sample and HellaSwag functions take as their default)."""
         if self.tokenizer is None:
             if family_of(self.cfg) != "gpt2":
                 raise ValueError(f"a {family_of(self.cfg)} model trains on its own tokenizer's tokens: give "
                                  "RunSettings.tokenizer, the folder of its tokenizer.json or tokenizer.model")
-            return get_tokenizer()
+            return None
         encoding = load_tokenizer(self.tokenizer)
         if encoding.n_vocab > self.cfg.vocab_size:
             raise ValueError(f"the tokenizer in {self.tokenizer} has {encoding.n_vocab} tokens, more than the model's "
@@ -158,8 +159,7 @@ class RunSettings:
         tcfg = self.tcfg
         return build_loaders(self.data, context_length=self.cfg.context_length, batch_size=tcfg.batch_size,
                              stride=tcfg.stride, train_ratio=tcfg.train_ratio, shuffle=tcfg.shuffle, seed=tcfg.seed,
-                             tokenizer=None if self.tokenizer is None and family_of(self.cfg) == "gpt2"
-                             else self.encoding())
+                             tokenizer=self.encoding())
 
 
 def start_run(settings: RunSettings, *, out_dir: str | Path | None = None, params: Params | None = None,
@@ -268,7 +268,7 @@ def _train(run_dir: Path, settings: RunSettings, checked: _Checked, optimizer: o
             result = train_model_simple(
                 params, cfg, train_loader, val_loader, tcfg, optimizer=optimizer, opt_state=opt_state,
                 train_step=train_step, start=position, key=key, hooks=hooks, progress=progress,
-                peak_tflops=peak_tflops, tokenizer=settings.encoding() if tcfg.start_context else None,
+                peak_tflops=peak_tflops, tokenizer=settings.encoding(),
             )
     finally:
         hooks.close()

@@ -54,7 +54,7 @@ def server(folder):
         port = s.getsockname()[1]
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".cache" / "jax")}
     proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(folder), "--port", str(port),
-                             "--max-batch", "2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--max-batch", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     line = proc.stdout.readline()
     assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")

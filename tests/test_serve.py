@@ -347,3 +347,17 @@ def test_sigterm_lets_running_requests_finish_then_exits_0(server):
         r = running.result(timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
     assert proc.wait(timeout=60) == 0
+
+
+def test_a_stop_string_in_the_last_tokens_is_a_stop():
+    """The engine may finish a request by its length (a burst of steps) before the text is searched for stop
+    strings: a stop found then still makes the finish reason "stop" (once seen under CI's load)."""
+    from gptjax.openai_api import Choice, TextTracker, finish_reason
+    from gptjax.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    choice = Choice(prompt=[1], tokens=tokenizer.encode(" shaft Ash and more"), finish="length")
+    tracker = TextTracker(tokenizer, [" Ash"])
+    assert finish_reason(choice, TextTracker(tokenizer, [])) == "length"
+    tracker.update(choice.tokens)
+    assert tracker.text == " shaft" and finish_reason(choice, tracker) == "stop"
