@@ -5,11 +5,6 @@ are what ``gptjax.generate`` continues the rendered prompt with. ``python -m gpt
 folder too."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,9 +15,9 @@ from gptjax.chat import model_text
 from gptjax.cli.generate import main as generate_main
 from gptjax.qwen3 import Qwen3Config
 from tests.family_files import write_qwen_tokenizer
+from tests.served import running_server
 
 openai = pytest.importorskip("openai")
-ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who painted the picture?"}]
 
 
@@ -49,18 +44,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".cache" / "jax")}
-    proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(folder), "--port", str(port),
-                             "--max-batch", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline()
-    assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    yield f"http://127.0.0.1:{port}"
-    proc.kill()
-    proc.wait()
+    with running_server(folder, "--max-batch", "1") as url:
+        yield url
 
 
 def reference(folder, max_tokens, **template_kwargs):

@@ -8,10 +8,6 @@ scorer's summed loss) within 1e-4 and its greedy flag the argmax check; the same
 are gptjax.generate's greedy text cut at the task's stop strings."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -23,6 +19,7 @@ from gptjax import GPTConfig
 from gptjax.hellaswag import _ending_losses
 from gptjax.model import apply
 from gptjax.sampling import generate
+from tests.served import running_server
 
 lm_eval = pytest.importorskip("lm_eval")  # in the dev extra
 
@@ -38,12 +35,6 @@ MC = [
 GEN = [{"prompt": "Every effort moves you", "target": "forward"}, {"prompt": "Once upon a time", "target": "there"},
        {"prompt": "The Verdict, by Edith Wharton.", "target": "I"}]
 UNTIL = ["\n", "."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +92,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     tmp, _ = setup
-    port = free_port()
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".cache" / "jax")}
-    proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(tmp / "tiny"), "--port", str(port),
-                             "--max-batch", "4"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    line = proc.stdout.readline()
-    assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    yield f"http://127.0.0.1:{port}"
-    proc.kill()
-    proc.wait()
+    with running_server(tmp / "tiny", "--max-batch", "4") as url:
+        yield url
 
 
 def evaluate(model: str, model_args: str, tmp: Path) -> dict:
