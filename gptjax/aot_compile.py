@@ -331,11 +331,9 @@ def _attention_kind(hlo: str, target: Target, cfg: ModelConfig, tcfg: TrainConfi
     """Which attention the compiled program holds, and on a GPU why not cuDNN's flash attention."""
     if "__cudnn$fmha" in hlo:
         return "cuDNN flash attention"
-    # GPT-2's model takes gptjax.attention's per-platform paths when it has no dropout; the families' configs
-    # have no drop_rate, their model (gptjax.gqa) having no dropout and one causal attention on every platform.
-    drop_rate = getattr(cfg, "drop_rate", None)
-    if drop_rate is None:
-        return "XLA attention (the model's causal attention, the same on every platform)"
+    # GPT-2's model takes gptjax.attention's per-platform paths when it has no dropout; the families' models
+    # (gptjax.gqa) have no dropout (their configs no drop_rate), so they always do.
+    drop_rate = getattr(cfg, "drop_rate", 0.0)
     if target.platform == "cpu" and drop_rate == 0:
         return "blocked causal attention (gptjax.attention)"
     if target.platform != "gpu":

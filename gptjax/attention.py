@@ -1,7 +1,9 @@
-"""Attention, and what each platform gets for it: the one home of gptjax's attention. The model
-(:class:`gptjax.model.MultiHeadAttention`) calls three functions here: :func:`causal_attention` (the book's,
-with dropout), :func:`self_attention` (a whole sequence, no dropout) and :func:`cached_attention` (a chunk
-over the KV cache); each is chosen for the platform it is compiled for (``jax.lax.platform_dependent``).
+"""Attention, and what each platform gets for it: the one home of gptjax's attention. The models
+(:class:`gptjax.model.MultiHeadAttention`, :class:`gptjax.gqa.GroupedQueryAttention`) call three functions
+here: :func:`causal_attention` (the book's, with dropout), :func:`self_attention` (a whole sequence, no
+dropout) and :func:`cached_attention` (a chunk over the KV cache); each is chosen for the platform it is
+compiled for (``jax.lax.platform_dependent``), and each takes grouped-query attention (fewer key/value heads
+than query heads) as it takes multi-head attention.
 
 =======================  ==========================  ========================  ======================
 operation                CPU                         GPU                       TPU
@@ -156,28 +158,54 @@ def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _weights(q_block: jax.Array, k_t: jax.Array, start: int, scale: float) -> jax.Array:
-    """Softmax weights [batch, heads, rows, keys] of a query block starting at ``start`` over the keys
-    up to its last row (``k_t``: [batch, heads, head_dim, keys])."""
+    """Softmax weights [batch, groups, reps * rows, keys] of a query block starting at ``start`` over the keys
+    up to its last row (``q_block``: [batch, groups, reps * rows, head_dim], the ``reps`` query heads of a
+    key/value head one after another; ``k_t``: [batch, groups, head_dim, keys])."""
     rows, keys = q_block.shape[-2], k_t.shape[-1]
     scores = _nn(q_block, k_t) * scale
-    causal = jnp.arange(keys)[None, :] <= start + jnp.arange(rows)[:, None]
+    per_head = keys - start  # the keys end at the block's last row: that many rows per query head
+    causal = jnp.arange(keys)[None, :] <= start + jnp.arange(rows)[:, None] % per_head
     scores = jnp.where(causal, scores, -jnp.inf)
     scores = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
     return scores / scores.sum(axis=-1, keepdims=True)
 
 
+# Grouped-query attention (Llama 3, Qwen3): the query heads of one key/value head are stacked into one block
+# of rows, so that each matmul reads that head's keys and values once for all of them (no repeated K/V) and
+# dK, dV sum over them inside the matmul. Multi-head attention is the case of one query head per group.
+def _grouped(x: jax.Array, groups: int) -> jax.Array:
+    """[batch, seq, heads, head_dim] -> [batch, groups, heads // groups, seq, head_dim]."""
+    b, seq, heads, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, groups, heads // groups, seq, d)
+
+
+def _rows(x: jax.Array, start: int, end: int) -> jax.Array:
+    """Rows start..end of each query head of [batch, groups, reps, seq, head_dim], as [batch, groups,
+    reps * (end - start), head_dim]."""
+    b, g, r, _, d = x.shape
+    return x[:, :, :, start:end].reshape(b, g, r * (end - start), d)
+
+
+def _ungrouped(blocks: list[jax.Array], reps: int) -> jax.Array:
+    """The blocks of :func:`_rows` back to [batch, seq, heads, head_dim]."""
+    b, g, _, d = blocks[0].shape
+    x = jnp.concatenate([y.reshape(b, g, reps, -1, d) for y in blocks], axis=3)
+    return x.reshape(b, g * reps, -1, d).transpose(0, 2, 1, 3)
+
+
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int):
-    seq, head_dim = q.shape[1], q.shape[-1]
+    seq, groups, head_dim = q.shape[1], k.shape[2], q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim)
-    qh, vh = (a.transpose(0, 2, 1, 3) for a in (q, v))  # [batch, heads, seq, head_dim]
-    k_t = k.transpose(0, 2, 3, 1)  # [batch, heads, head_dim, seq]
+    qg = _grouped(q, groups)  # [batch, groups, reps, seq, head_dim]
+    vh = v.transpose(0, 2, 1, 3)  # [batch, groups, seq, head_dim]
+    k_t = k.transpose(0, 2, 3, 1)  # [batch, groups, head_dim, seq]
     weights, outs = [], []
     for start, end in _blocks(seq, block):
-        p = _weights(qh[:, :, start:end], k_t[..., :end], start, scale)
+        p = _weights(_rows(qg, start, end), k_t[..., :end], start, scale)
         weights.append(p)
         outs.append(_nn(p.astype(v.dtype), vh[:, :, :end]).astype(v.dtype))
-    out = jnp.concatenate(outs, axis=2)
-    return out.transpose(0, 2, 1, 3), (qh, k_t, vh, out, weights)
+    out = _ungrouped(outs, qg.shape[2])
+    return out, (qg, k_t, vh, _grouped(out, groups), weights)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -196,22 +224,23 @@ def _pad_keys(x: jax.Array, seq: int) -> jax.Array:
 
 
 def _attention_bwd(block, res, g):
-    qh, k_t, vh, out, weights = res
-    seq, head_dim = qh.shape[2], qh.shape[3]
+    qg, k_t, vh, out, weights = res
+    groups, reps, seq, head_dim = qg.shape[1:]
     scale = 1.0 / math.sqrt(head_dim)
-    dtype = qh.dtype
-    gh = g.transpose(0, 2, 1, 3)
+    dtype = qg.dtype
+    gg = _grouped(g, groups)
     # softmax's backward subtracts sum_k P dP = sum_d dO O per row
-    delta = jnp.sum(gh.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    kh, v_t, q_t, g_t = k_t.swapaxes(2, 3), vh.swapaxes(2, 3), qh.swapaxes(2, 3), gh.swapaxes(2, 3)
+    delta = jnp.sum(gg.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    kh, v_t = k_t.swapaxes(2, 3), vh.swapaxes(2, 3)
     dq, dk_t, dv_t = [], [], []
     for (start, end), p in zip(_blocks(seq, block), weights):
-        ds = p * (_nn(gh[:, :, start:end], v_t[..., :end]) - delta[:, :, start:end]) * scale
+        g_rows = _rows(gg, start, end)
+        ds = p * (_nn(g_rows, v_t[..., :end]) - _rows(delta, start, end)) * scale
         ds = ds.astype(dtype)
         dq.append(_nn(ds, kh[:, :, :end]).astype(dtype))
-        dk_t.append(_pad_keys(_nn(q_t[..., start:end], ds), seq))
-        dv_t.append(_pad_keys(_nn(g_t[..., start:end], p.astype(dtype)), seq))
-    dq = jnp.concatenate(dq, axis=2).transpose(0, 2, 1, 3)
+        dk_t.append(_pad_keys(_nn(_rows(qg, start, end).swapaxes(2, 3), ds), seq))
+        dv_t.append(_pad_keys(_nn(g_rows.swapaxes(2, 3), p.astype(dtype)), seq))
+    dq = _ungrouped(dq, reps)
     dk = sum(dk_t).astype(k_t.dtype).transpose(0, 3, 1, 2)
     dv = sum(dv_t).astype(vh.dtype).transpose(0, 3, 1, 2)
     return dq, dk, dv
@@ -221,8 +250,9 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def blocked_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = BLOCK) -> jax.Array:
-    """Causal softmax(q k^T / sqrt(head_dim)) v, q, k, v: [batch, seq, heads, head_dim], computed in
-    query blocks of ``block`` rows; scores and softmax in float32, the result in ``v``'s dtype."""
+    """Causal softmax(q k^T / sqrt(head_dim)) v, q: [batch, seq, heads, head_dim], k, v: [batch, seq, groups,
+    head_dim], computed in query blocks of ``block`` rows; scores and softmax in float32, the result in
+    ``v``'s dtype."""
     return _attention(q, k, v, block)
 
 
@@ -249,8 +279,9 @@ def cuda_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal softmax(q k^T / sqrt(head_dim)) v over a whole sequence, q, k, v: [batch, seq, heads,
-    head_dim]: what :func:`causal_attention` computes without dropout."""
+    """Causal softmax(q k^T / sqrt(head_dim)) v over a whole sequence, q: [batch, seq, heads, head_dim],
+    k, v: [batch, seq, groups, head_dim] (``groups`` divides ``heads``): what :func:`causal_attention` computes
+    without dropout."""
     return jax.lax.platform_dependent(q, k, v, cpu=blocked_causal_attention, cuda=cuda_attention,
                                       default=xla_attention)
 

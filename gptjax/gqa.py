@@ -135,7 +135,7 @@ class GroupedQueryAttention(nnx.Module):
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         queries, keys = apply_rope(queries, cos, sin), apply_rope(keys, cos, sin)
         if cache is None:
-            context, new_kv = attention.causal_attention(queries, keys, values), None
+            context, new_kv = attention.self_attention(queries, keys, values), None
         else:
             context, new_kv = attention.cached_attention(queries, keys, values, cache.kv, cache.pos, cache.rows)
         return self.out_proj(context.reshape(b, t, -1)), new_kv

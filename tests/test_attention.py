@@ -1,5 +1,6 @@
 """gptjax.attention: the blocked causal attention computes what the book's causal_attention computes,
-values and gradients, and its compiled backward pass has no [seq, seq] score array left."""
+values and gradients, for multi-head and grouped-query attention, and its compiled backward pass has no
+[seq, seq] score array left."""
 
 import re
 
@@ -11,8 +12,11 @@ import pytest
 from gptjax.attention import BLOCK, blocked_causal_attention, causal_attention
 
 
-def inputs(shape, dtype=jnp.float32, seed=0):
-    return tuple(jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.key(seed), 4))
+def inputs(shape, dtype=jnp.float32, seed=0, groups=None):
+    """q, k, v, the output's cotangent; k and v with ``groups`` key/value heads (default: as many as q's)."""
+    kv_shape = shape if groups is None else (*shape[:2], groups, shape[3])
+    shapes = (shape, kv_shape, kv_shape, shape)
+    return tuple(jax.random.normal(key, s, dtype) for key, s in zip(jax.random.split(jax.random.key(seed), 4), shapes))
 
 
 def value_and_grads(attention, q, k, v, g):
@@ -20,16 +24,19 @@ def value_and_grads(attention, q, k, v, g):
     return (out, *vjp(g))
 
 
-@pytest.mark.parametrize("shape, block", [
-    ((1, 1, 2, 8), BLOCK),  # one position
-    ((2, 5, 3, 4), 2),  # blocks of 2, the last one short
-    ((2, 37, 3, 8), 16),  # a sequence the block size does not divide
-    ((3, 64, 4, 16), 16),  # batch 3, whole blocks
-    ((1, 64, 4, 16), BLOCK),  # one block larger than the sequence
-    ((1, 1024, 2, 16), BLOCK),  # the context of gpt2
+@pytest.mark.parametrize("shape, block, groups", [
+    ((1, 1, 2, 8), BLOCK, None),  # one position
+    ((2, 5, 3, 4), 2, None),  # blocks of 2, the last one short
+    ((2, 37, 3, 8), 16, None),  # a sequence the block size does not divide
+    ((3, 64, 4, 16), 16, None),  # batch 3, whole blocks
+    ((1, 64, 4, 16), BLOCK, None),  # one block larger than the sequence
+    ((1, 1024, 2, 16), BLOCK, None),  # the context of gpt2
+    ((2, 37, 8, 8), 16, 2),  # grouped-query: 4 query heads per key/value head, a short last block
+    ((1, 300, 16, 16), 128, 8),  # Qwen3-0.6B's and Llama 3.2's 2 (resp. 4) query heads per group
+    ((2, 20, 6, 8), 8, 1),  # multi-query: one key/value head for all
 ])
-def test_equals_the_books_causal_attention(shape, block):
-    q, k, v, g = inputs(shape)
+def test_equals_the_books_causal_attention(shape, block, groups):
+    q, k, v, g = inputs(shape, groups=groups)
     got = value_and_grads(lambda q, k, v: blocked_causal_attention(q, k, v, block), q, k, v, g)
     want = value_and_grads(causal_attention, q, k, v, g)
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
