@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gptjax.chat import GPT2_CHAT, ChatFormat
+from gptjax.chat import GPT2_CHAT, ChatFormat, template_switches
 from gptjax.completions import Completions, Metrics
 from gptjax.engine import Engine
 from gptjax.model import Params
@@ -74,6 +74,7 @@ def create_app(params: Params, cfg: ModelConfig, *, model_name: str = "gptjax", 
 def _add_model_routes(app: FastAPI, tokenizer: Encoding | HFEncoding, chat: ChatFormat, cfg: ModelConfig,
                       metrics: Metrics, model_name: str) -> None:
     """Health, metrics, the model list, the tokenizer and the page."""
+    switches = template_switches(chat)
 
     @app.get("/health")
     async def health():
@@ -83,9 +84,13 @@ def _add_model_routes(app: FastAPI, tokenizer: Encoding | HFEncoding, chat: Chat
     async def metrics_text():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The model entry names the template's switches (vLLM's chat_template_kwargs), so that a client (the page's
+    # thinking checkbox) offers only those the loaded model's template reads.
     @app.get("/v1/models")
     async def models():
-        return model_list(model_name, cfg)
+        listing = model_list(model_name, cfg)
+        listing["data"][0]["chat_template_kwargs"] = switches
+        return listing
 
     # The tokenizer in vLLM's shapes: lm-evaluation-harness's tokenizer_backend=remote needs nothing else.
     @app.post("/tokenize")

@@ -28,6 +28,9 @@ from gptjax.tokenizer import ENDOFTEXT_ID, Encoding, HFEncoding, get_tokenizer, 
 
 PLAIN_TEXT_STOP = "\nUser:"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+# The on/off switches a client may offer when a template reads them (vLLM's chat_template_kwargs carries them);
+# a template's other free variables (messages, tools, date_string, ...) are not switches.
+TEMPLATE_SWITCHES = ("enable_thinking",)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,17 @@ def _compiled(template: str):
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(template)
+
+
+def template_switches(chat: ChatFormat) -> list[str]:
+    """The :data:`TEMPLATE_SWITCHES` the chat template reads (Qwen3's ``enable_thinking``); none for the
+    plain-text format. Read from the parsed template, so a name in a comment or a string does not count."""
+    if chat.template is None:
+        return []
+    from jinja2 import meta
+
+    free = meta.find_undeclared_variables(_compiled(chat.template).environment.parse(chat.template))
+    return [name for name in TEMPLATE_SWITCHES if name in free]
 
 
 def load_chat_format(folder: str | os.PathLike, encoding: Any) -> ChatFormat:

@@ -45,3 +45,27 @@ def write_llama_tiktoken(folder: Path) -> None:
     (folder / "original").mkdir(parents=True, exist_ok=True)
     lines = asset_path("gpt2.tiktoken").read_text().splitlines()[:LLAMA_RANKS]
     (folder / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+
+
+def write_llama_tokenizer_json(tiktoken_folder: Path, folder: Path) -> None:
+    """The tokenizer files of ``tiktoken_folder``'s ranks as Meta's Hugging Face folders hold them, written by
+    transformers: its TikTokenConverter's tokenizer.json (every split of a token listed as a merge) with the
+    special tokens gptjax reads beside the ranks, the post-processor Meta's tokenizer.json has (a BOS before
+    every text), and tokenizer_config.json / chat_template.jinja with Llama 3.2 Instruct's EOS and template."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from gptjax.tokenizer import load_tokenizer
+
+    encoding = load_tokenizer(tiktoken_folder)
+    specials = sorted(encoding.special_tokens_set, key=encoding.encode_single_token)
+    backend = TikTokenConverter(str(tiktoken_folder / "original" / "tokenizer.model"),
+                                extra_special_tokens=specials).converted()
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, encoding.encode_single_token(bos))])])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token="<|eot_id|>",
+                            chat_template=(DATA / "llama-3.2-instruct.jinja").read_text()).save_pretrained(folder)

@@ -1,5 +1,6 @@
 """``python -m gptjax.serve`` as a user starts it, for the tests that talk to it over HTTP: a subprocess on a free
-port of 127.0.0.1, sharing the tests' compilation cache, killed when the caller is done."""
+port of 127.0.0.1, sharing the tests' compilation cache, killed when the caller is done; and a headless browser
+for the tests of its page."""
 
 import contextlib
 import os
@@ -9,7 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it); playwright's own download cannot work here
 
 
 @contextlib.contextmanager
@@ -28,3 +32,17 @@ def running_server(weights: str | os.PathLike, *flags: str) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def browser_page(url: str) -> Iterator:
+    """A playwright page of headless Chromium, opened at ``url``."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()

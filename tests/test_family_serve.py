@@ -2,7 +2,7 @@
 chat template) served as a user serves it: ``python -m gptjax.serve --weights FOLDER``, asked through the
 ``openai`` client. The chat is rendered with the model's template and ends at its end-of-turn ids; the answers
 are what ``gptjax.generate`` continues the rendered prompt with. ``python -m gptjax.generate`` takes the
-folder too."""
+folder too. The page at ``/`` holds a conversation through the same endpoint, with Qwen3's thinking switch."""
 
 import json
 
@@ -15,7 +15,7 @@ from gptjax.chat import model_text
 from gptjax.cli.generate import main as generate_main
 from gptjax.qwen3 import Qwen3Config
 from tests.family_files import write_qwen_tokenizer
-from tests.served import running_server
+from tests.served import browser_page, running_server
 
 openai = pytest.importorskip("openai")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who painted the picture?"}]
@@ -48,6 +48,12 @@ def server(folder):
         yield url
 
 
+@pytest.fixture(scope="module")
+def page(server):
+    with browser_page(server + "/") as page:
+        yield page
+
+
 def reference(folder, max_tokens, **template_kwargs):
     """What gptjax.generate continues the rendered chat with, cut at the first end-of-turn id."""
     params, cfg = gptjax.load_weights(folder)
@@ -70,6 +76,33 @@ def test_chat_uses_the_models_template_and_stops(folder, server, thinking):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True)
                        if c.choices)
     assert streamed == text
+
+
+def test_the_pages_chat_is_the_apis_in_a_real_browser(folder, server, page):
+    assert httpx.get(server + "/v1/models").json()["data"][0]["chat_template_kwargs"] == ["enable_thinking"]
+    page.wait_for_function(f"document.querySelector('#model').textContent.startsWith({json.dumps(folder.name)})")
+    assert not page.is_visible("#thinking")  # a chat switch: not shown to continue text
+    page.click("#mode_chat")
+    assert page.is_visible("#thinking") and page.is_checked("#thinking")  # the template's own default
+    page.uncheck("#thinking")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "16")
+    conversation = []
+    for text in ("Who painted the picture?", "Why?"):  # the second turn carries the first
+        page.fill("#message", text)
+        with page.expect_request("**/v1/chat/completions") as request:
+            page.click("#go")
+        page.wait_for_function("document.querySelector('#status').textContent === 'done'", timeout=60000)
+        conversation.append({"role": "user", "content": text})
+        body = request.value.post_data_json
+        assert body["messages"] == conversation and body["chat_template_kwargs"] == {"enable_thinking": False}
+        answer = httpx.post(server + "/v1/chat/completions", json={**body, "stream": False}, timeout=60).json()
+        reply = page.locator("#turns .assistant .content").last.text_content()
+        assert reply and reply == answer["choices"][0]["message"]["content"]
+        conversation.append({"role": "assistant", "content": reply})
+    assert page.locator("#turns .role").all_text_contents() == ["user", "assistant"] * 2
+    page.click("#new_chat")
+    assert page.locator("#turns .turn").count() == 0
 
 
 def test_tokenizer_endpoints_are_the_models(folder, server):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gptjax.chat import GPT2_CHAT, load_chat_format
+from gptjax.chat import GPT2_CHAT, ChatFormat, load_chat_format, template_switches
 from gptjax.tokenizer import LLAMA3_N_SPECIALS, HFEncoding, _byte_of_char, load_tokenizer
 from tests.family_files import DATA, LLAMA_RANKS, write_llama_tiktoken, write_qwen_tokenizer
 
@@ -131,6 +131,15 @@ def test_plain_text_chat_without_a_template(llama_folder, tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": LLAMA_RANKS + 1}))
     base = load_chat_format(tmp_path, load_tokenizer(llama_folder))
     assert base.render(CHATS[1]) == plain and base.stop == ("\nUser:",) and base.stop_ids == {LLAMA_RANKS + 1}
+
+
+def test_template_switches_are_the_known_ones_a_template_reads():
+    assert template_switches(ChatFormat((DATA / "qwen3-0.6b.jinja").read_text())) == ["enable_thinking"]
+    assert template_switches(ChatFormat((DATA / "llama-3.2-instruct.jinja").read_text())) == []  # date_string: no switch
+    assert template_switches(GPT2_CHAT) == []
+    # Named in a comment or a string is not read; set before it is read is not the caller's.
+    assert template_switches(ChatFormat("{# enable_thinking #}{{ 'enable_thinking' }}{{ messages }}")) == []
+    assert template_switches(ChatFormat("{% set enable_thinking = true %}{{ enable_thinking }}")) == []
 
 
 def test_folder_without_a_tokenizer_says_so(tmp_path):

@@ -5,11 +5,14 @@ and the tokenizer of the model's folder. (llama.cpp decoding the exports greedil
 benchmarks/check_families_gguf.py: CI has no llama.cpp.)
 
 Tiny random models; the tokenizers are small byte-level BPEs trained on the-verdict with the families' special
-tokens, written as transformers writes a model folder's tokenizer files."""
+tokens, written as transformers writes a model folder's tokenizer files, and a Llama 3-style tiktoken
+tokenizer.model (tests/family_files.py) against the tokenizer.json transformers converts it to."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -23,9 +26,10 @@ from gptjax.config import GPTConfig  # noqa: E402
 from gptjax.gqa import compute_rope_params  # noqa: E402
 from gptjax.llama3 import Llama3Config  # noqa: E402
 from gptjax.qwen3 import Qwen3Config  # noqa: E402
-from gptjax.tokenizer import load_default_corpus  # noqa: E402
+from gptjax.tokenizer import LLAMA3_N_SPECIALS, load_default_corpus, load_tokenizer  # noqa: E402
 from gptjax.weights import save_weights  # noqa: E402
 from gptjax.weights.gguf import save_gguf  # noqa: E402
+from tests.family_files import DATA, LLAMA_RANKS, write_llama_tiktoken, write_llama_tokenizer_json  # noqa: E402
 
 Q, TT = gguf.GGMLQuantizationType, gguf.TokenType
 BPE_SIZE = 320  # the trained vocabulary: 256 bytes and 64 merges
@@ -303,7 +307,7 @@ def test_bad_requests_fail_before_writing(models, tmp_path):
     path = tmp_path / "model.gguf"
     with pytest.raises(ValueError, match=r"Qwen3Config model's GGUF file carries its tokenizer: pass tokenizer="):
         save_gguf(params, cfg, path)
-    with pytest.raises(ValueError, match="no tokenizer.json there"):
+    with pytest.raises(ValueError, match="has no tokenizer.json or Llama 3 tokenizer.model"):
         save_gguf(params, cfg, path, tokenizer=tmp_path)
     small = cfg.replace(vocab_size=cfg.vocab_size - 1)
     with pytest.raises(ValueError, match=rf"past the model's vocabulary \({small.vocab_size} rows\)"):
@@ -334,3 +338,105 @@ def test_convert_cli_takes_the_tokenizer_of_the_folder(models, tmp_path, capsys)
     assert field(gguf.GGUFReader(tmp_path / "bare.gguf"), "tokenizer.ggml.pre") == "llama-bpe"
     assert convert.main([str(bare), str(tmp_path / "x.safetensors"), "--tokenizer", str(folder)]) == 2
     assert "--tokenizer applies to GGUF output" in capsys.readouterr().err
+
+
+TIKTOKEN_LLAMA = Llama3Config(vocab_size=LLAMA_RANKS + LLAMA3_N_SPECIALS, context_length=32, emb_dim=32, n_heads=2,
+                              n_layers=1, hidden_dim=48, n_kv_groups=1, rope_original_context_length=16)
+
+
+@pytest.fixture(scope="module")
+def tiktoken_exports(tmp_path_factory):
+    """One tiny Llama exported twice: with a folder of Meta's tiktoken original/tokenizer.model alone, and with
+    the tokenizer.json transformers converts the same ranks to; both folders hold the same tokenizer_config.json
+    and chat_template.jinja. ({"tiktoken": reader, "json": reader}, the tiktoken folder, the json folder.)"""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("llama-tiktoken")
+    tiktoken_dir, json_dir = root / "tiktoken", root / "json"
+    write_llama_tiktoken(tiktoken_dir)
+    write_llama_tokenizer_json(tiktoken_dir, json_dir)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(json_dir / name, tiktoken_dir / name)
+    assert not (tiktoken_dir / "tokenizer.json").exists()
+    params = init_params(TIKTOKEN_LLAMA, seed=0)
+    readers = {}
+    for kind, folder in (("tiktoken", tiktoken_dir), ("json", json_dir)):
+        save_weights(params, TIKTOKEN_LLAMA, root / f"{kind}.gguf", format="gguf", tokenizer=folder)
+        readers[kind] = gguf.GGUFReader(root / f"{kind}.gguf")
+    return readers, tiktoken_dir, json_dir
+
+
+def tokenizer_fields(reader) -> list[str]:
+    return sorted(key for key in reader.fields if key.startswith("tokenizer."))
+
+
+def test_tiktoken_model_exports_as_its_tokenizer_json(tiktoken_exports):
+    """Every tokenizer field equals the tokenizer.json export's but the merges: transformers' converter lists
+    every split of a token into two tokens (1025 merges for these 744 tokens), the export the one split BPE of
+    the token's bytes ends on, as llama.cpp's converter does for its own tiktoken models. Those are all
+    tiktoken's BPE ever joins, so they tokenize as the tiktoken file does."""
+    readers, tiktoken_dir, json_dir = tiktoken_exports
+    ours, theirs = readers["tiktoken"], readers["json"]
+    assert tokenizer_fields(ours) == tokenizer_fields(theirs)
+    for key in tokenizer_fields(theirs):
+        if key != "tokenizer.ggml.merges":
+            assert field(ours, key) == field(theirs, key), key
+    ids = {token: i for i, token in enumerate(field(ours, "tokenizer.ggml.tokens"))}
+    assert len(ids) == TIKTOKEN_LLAMA.vocab_size and ids["<|begin_of_text|>"] == LLAMA_RANKS
+    assert field(ours, "tokenizer.ggml.token_type") == [TT.NORMAL] * LLAMA_RANKS + [TT.CONTROL] * LLAMA3_N_SPECIALS
+    assert field(ours, "tokenizer.ggml.model") == "gpt2" and field(ours, "tokenizer.ggml.pre") == "llama-bpe"
+    assert field(ours, "tokenizer.ggml.bos_token_id") == ids["<|begin_of_text|>"]
+    assert field(ours, "tokenizer.ggml.eos_token_id") == ids["<|eot_id|>"]  # tokenizer_config.json's
+    assert field(ours, "tokenizer.ggml.add_bos_token") is True
+    assert field(ours, "tokenizer.chat_template") == (DATA / "llama-3.2-instruct.jinja").read_text()
+
+    merges, all_splits = field(ours, "tokenizer.ggml.merges"), field(theirs, "tokenizer.ggml.merges")
+    n_bytes = sum(len(token) == 1 for token in field(ours, "tokenizer.ggml.tokens")[:LLAMA_RANKS])
+    assert len(merges) == LLAMA_RANKS - n_bytes < len(all_splits)
+    assert {m.replace(" ", "") for m in merges} == {m.replace(" ", "") for m in all_splits}  # the same tokens made
+    later = iter(all_splits)
+    assert all(m in later for m in merges)  # one of each token's splits, in the same order
+
+    spec = json.loads((json_dir / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [m.split(" ") for m in merges]
+    with_ours = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    tiktoken = load_tokenizer(tiktoken_dir)
+    for text in (load_default_corpus(), "Hello  world!\n\n naïve café 日本 😀 12345 \t\n  x"):
+        assert with_ours.encode(text, add_special_tokens=False).ids == tiktoken.encode_ordinary(text)
+
+
+def test_bare_tiktoken_model_gets_llama3s_special_tokens(tiktoken_exports, tmp_path):
+    """Meta's tokenizer.model alone (here at the folder's top): Llama 3's BOS, which every text starts with, and
+    <|end_of_text|> as EOS; no chat template; rows past the tokenizer's ids are unused [PADn] tokens."""
+    readers, _, _ = tiktoken_exports
+    write_llama_tiktoken(tmp_path / "meta")
+    (tmp_path / "meta" / "original" / "tokenizer.model").rename(tmp_path / "meta" / "tokenizer.model")
+    cfg = TIKTOKEN_LLAMA.replace(vocab_size=TIKTOKEN_LLAMA.vocab_size + LLAMA_PAD)
+    save_gguf(init_params(cfg, seed=0), cfg, tmp_path / "bare.gguf", tokenizer=tmp_path / "meta")
+    reader = gguf.GGUFReader(tmp_path / "bare.gguf")
+    tokens = field(reader, "tokenizer.ggml.tokens")
+    n = TIKTOKEN_LLAMA.vocab_size
+    assert tokens[:n] == field(readers["json"], "tokenizer.ggml.tokens")
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, cfg.vocab_size)]
+    assert field(reader, "tokenizer.ggml.token_type")[n:] == [TT.UNUSED] * LLAMA_PAD
+    assert field(reader, "tokenizer.ggml.merges") == field(readers["tiktoken"], "tokenizer.ggml.merges")
+    assert field(reader, "tokenizer.ggml.bos_token_id") == tokens.index("<|begin_of_text|>") == LLAMA_RANKS
+    assert field(reader, "tokenizer.ggml.eos_token_id") == tokens.index("<|end_of_text|>") == LLAMA_RANKS + 1
+    assert field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert "tokenizer.chat_template" not in reader.fields
+
+
+def test_folder_without_a_tokenizer_fails_before_writing(tmp_path):
+    """Neither tokenizer.json nor a tiktoken tokenizer.model (Llama 2's SentencePiece one is not Llama 3's)."""
+    params, path = init_params(TIKTOKEN_LLAMA, seed=0), tmp_path / "out" / "model.gguf"
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for content in (None, b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02"):
+        if content is not None:
+            (folder / "tokenizer.model").write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"{folder} has no tokenizer.json or Llama 3 tokenizer.model")):
+            save_weights(params, TIKTOKEN_LLAMA, path, format="gguf", tokenizer=folder)
+    write_llama_tiktoken(folder)
+    small = TIKTOKEN_LLAMA.replace(vocab_size=TIKTOKEN_LLAMA.vocab_size - 1)
+    with pytest.raises(ValueError, match=rf"past the model's vocabulary \({small.vocab_size} rows\)"):
+        save_weights(init_params(small, seed=0), small, path, format="gguf", tokenizer=folder)
+    assert not path.parent.exists()

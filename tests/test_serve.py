@@ -23,13 +23,13 @@ import pytest
 import gptjax
 from gptjax import GPTConfig
 from gptjax import generate
+from tests.served import browser_page
 
 openai = pytest.importorskip("openai")  # the serve extra's client; part of dev
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2, drop_rate=0.0)
 KEY = "test-key"
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it); playwright's own download cannot work here
 
 
 def free_port() -> int:
@@ -174,6 +174,7 @@ def test_tokenizer_endpoints_in_vllms_shapes(server):
 def test_models_health_metrics(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == ["tiny"] and models[0].model_extra["context_length"] == CFG.context_length
+    assert models[0].model_extra["chat_template_kwargs"] == []  # GPT-2's plain-text chat has no switches
     assert httpx.get(server[1] + "/health").json() == {"status": "ok"}
     text = httpx.get(server[1] + "/metrics").text
     for name in ("gptjax_requests_total", "gptjax_generated_tokens_total", "gptjax_queue_depth",
@@ -299,15 +300,10 @@ def slow_link(server):
 
 @pytest.fixture(scope="module")
 def page(slow_link):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        page = browser.new_page()
-        page.goto(slow_link + "/")
+    with browser_page(slow_link + "/") as page:
         page.fill("#key", KEY)
         page.dispatch_event("#key", "change")
         yield page
-        browser.close()
 
 
 def test_the_page_streams_a_continuation_in_a_real_browser(page, weights):
@@ -336,6 +332,26 @@ def test_the_pages_stop_button_ends_the_stream(page, server):
     while active_slots(server) > 0 and time.time() < deadline:
         time.sleep(0.05)
     assert active_slots(server) == 0
+
+
+def test_the_pages_chat_offers_no_thinking_switch_for_gpt2(page):
+    page.wait_for_function("document.querySelector('#model').textContent.startsWith('tiny')")
+    page.click("#mode_chat")
+    assert page.is_visible("#message") and not page.is_visible("#prompt") and not page.is_visible("#thinking")
+    page.fill("#max_tokens", "8")  # the stop test's 60 would overflow the tiny context
+    page.fill("#key", "wrong")
+    page.fill("#message", "Hello")
+    page.click("#go")
+    page.wait_for_function("document.querySelector('#status').textContent.startsWith('missing or wrong API key')")
+    assert page.locator("#turns .turn").count() == 0 and page.input_value("#message") == "Hello"  # to send again
+    page.fill("#key", KEY)
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.click("#go")
+    page.wait_for_function("document.querySelector('#status').textContent === 'done'", timeout=60000)
+    assert "chat_template_kwargs" not in request.value.post_data_json
+    assert page.locator("#turns .role").all_text_contents() == ["user", "assistant"]
+    page.click("#mode_text")
+    assert page.is_visible("#prompt") and not page.is_visible("#message")
 
 
 def test_sigterm_lets_running_requests_finish_then_exits_0(server):

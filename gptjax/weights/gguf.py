@@ -11,9 +11,9 @@ its architecture, hyperparameter keys and tensor names, and the tokenizer as byt
 - Qwen3 (``qwen3``) and Llama 3 (``llama``): ``blk.N.attn_q`` / ``attn_k`` / ``attn_v`` / ``attn_output``,
   ``ffn_gate`` / ``ffn_up`` / ``ffn_down``, Qwen3's ``attn_q_norm`` / ``attn_k_norm``, Llama 3's RoPE scaling
   as the ``rope_freqs`` tensor; no ``output`` tensor for a tied head (llama.cpp reuses ``token_embd``). The
-  tokenizer comes from the model's Hugging Face folder (``tokenizer=``: its ``tokenizer.json``, and the
-  special tokens and chat template of ``tokenizer_config.json``), with pre-tokenizer ``qwen2`` or
-  ``llama-bpe``.
+  tokenizer comes from the model's folder (``tokenizer=``: its ``tokenizer.json``, or for a Llama 3 folder as
+  Meta publishes it the tiktoken ``tokenizer.model``, its merges rebuilt as GPT-2's are; the special tokens
+  and chat template of ``tokenizer_config.json``), with pre-tokenizer ``qwen2`` or ``llama-bpe``.
 
 Types (``gguf_type``), as llama.cpp's converter assigns them: ``f32`` stores everything in float32;
 ``f16`` and ``q8_0`` store the matrices (embeddings, attention and MLP projections, output head) in that type
@@ -36,7 +36,7 @@ from gptjax.atomic import atomic_file, check_overwrite
 from gptjax.config import GPTConfig
 from gptjax.model import Params
 from gptjax.presets import ModelConfig, family_of
-from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_tokenizer
+from gptjax.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, LLAMA3_SPECIALS, Encoding, get_tokenizer, load_tokenizer
 from gptjax.weights.files import one_line
 from gptjax.weights.mapping import Row, tensors_from_params, zero_qkv_biases
 
@@ -80,8 +80,9 @@ def save_gguf(
     ``params`` must hold the shapes ``cfg`` implies (``gptjax.weights.save_weights`` checks that first).
     GPT-2: the vocabulary must cover the GPT-2 tokenizer's 50,257 ids; ``tokenizer`` is not taken (the file
     carries gptjax's bundled GPT-2 tokenizer). Qwen3 and Llama 3: ``tokenizer`` is the folder with the model's
-    ``tokenizer.json`` (its Hugging Face folder). Either way, rows past the tokenizer's ids (a padded
-    vocabulary) become unused ``[PADn]`` tokens, as llama.cpp's converter writes them.
+    ``tokenizer.json`` (its Hugging Face folder) or, for Llama 3, Meta's tiktoken ``tokenizer.model``
+    (:func:`read_hf_vocab`). Either way, rows past the tokenizer's ids (a padded vocabulary) become unused
+    ``[PADn]`` tokens, as llama.cpp's converter writes them.
     """
     if gguf_type not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
@@ -97,7 +98,8 @@ def save_gguf(
             )
     elif tokenizer is None:
         raise ValueError(f"a {type(cfg).__name__} model's GGUF file carries its tokenizer: pass tokenizer=, the "
-                         f"folder with the model's {TOKENIZER_JSON} (its Hugging Face folder)")
+                         f"folder with the model's {TOKENIZER_JSON} (its Hugging Face folder) or Llama 3's "
+                         "tokenizer.model")
     check_overwrite(path, overwrite)
     gguf = _import_gguf()
     vocab = None if tokenizer is None else read_hf_vocab(tokenizer, cfg.vocab_size, gguf)
@@ -319,9 +321,9 @@ def _add_gpt2_tokenizer(writer: Any, vocab_size: int, gguf: Any) -> None:
 
 @dataclass(frozen=True)
 class HFVocab:
-    """A Hugging Face byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer model holds it: ``tokens`` and
-    their ``types`` for every id of the model's vocabulary, ``merges`` as ``"left right"``, the special tokens'
-    ids (``bos``, ``eos``, ``unk``, ``pad``), whether a BOS starts every encoded text, and the chat template."""
+    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer model holds it: ``tokens`` and their
+    ``types`` for every id of the model's vocabulary, ``merges`` as ``"left right"``, the special tokens' ids
+    (``bos``, ``eos``, ``unk``, ``pad``), whether a BOS starts every encoded text, and the chat template."""
 
     tokens: list[str]
     types: list[int]
@@ -344,18 +346,45 @@ class HFVocab:
 
 
 def read_hf_vocab(folder: str | os.PathLike, vocab_size: int, gguf: Any) -> HFVocab:
-    """``folder``'s ``tokenizer.json`` (with ``tokenizer_config.json`` and ``config.json`` when there) for a
-    model of ``vocab_size`` rows, read as llama.cpp's converter reads it.
+    """``folder``'s tokenizer for a model of ``vocab_size`` rows, as llama.cpp's converter reads it: its
+    ``tokenizer.json`` or, where there is none, Llama 3's tiktoken ``tokenizer.model`` (at the top or in
+    ``original/``, as Meta publishes it, read by :func:`gptjax.tokenizer.load_tokenizer`); with
+    ``tokenizer_config.json`` and ``config.json`` when there.
 
-    Token types: ``added_tokens`` marked special, or spelt ``<|...|>``, are control tokens; other added tokens
-    (Qwen3's ``<think>``) user-defined; ids no token has, unused ``[PADn]``. Special tokens: by name from
-    tokenizer_config.json (``bos_token``, ...), else by id from config.json (Qwen3 names no BOS but its
-    config.json gives one). A BOS is added where tokenizer_config.json says ``add_bos_token``, else where the
-    tokenizer's post-processor template starts with it (Llama 3's does)."""
+    Token types: ``added_tokens`` marked special, or spelt ``<|...|>``, and tokenizer.model's special tokens
+    are control tokens; other added tokens (Qwen3's ``<think>``) user-defined; ids no token has, unused
+    ``[PADn]``. Special tokens: by name from tokenizer_config.json (``bos_token``, ...), else by id from
+    config.json (Qwen3 names no BOS but its config.json gives one), else for a tokenizer.model Llama 3's
+    ``<|begin_of_text|>`` and ``<|end_of_text|>``. A BOS is added where tokenizer_config.json says
+    ``add_bos_token``, else where the tokenizer puts it before every text: tokenizer.json's post-processor
+    template (Llama 3's does), and Meta's tokenizer.model always."""
     folder = Path(folder)
-    if not (folder / TOKENIZER_JSON).is_file():
-        raise ValueError(f"tokenizer {folder}: no {TOKENIZER_JSON} there; pass the model's Hugging Face folder, "
-                         "which holds it")
+    if (folder / TOKENIZER_JSON).is_file():
+        pieces, merges, first = _read_tokenizer_json(folder, gguf)
+        fallback = {}
+    else:
+        pieces, merges = _read_tiktoken_model(folder, load_tokenizer(folder), gguf)
+        first, fallback = LLAMA3_SPECIALS[0], {"bos": LLAMA3_SPECIALS[0], "eos": LLAMA3_SPECIALS[1]}
+    if max(pieces) >= vocab_size:
+        raise ValueError(f"tokenizer {folder} has ids up to {max(pieces)}, past the model's vocabulary "
+                         f"({vocab_size} rows); give the model's own tokenizer folder")
+    tokens, types = zip(*(pieces.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)))
+    config = _read_json(folder / TOKENIZER_CONFIG)
+    special = _special_ids(folder, config, tokens, fallback)
+    add_bos = config.get("add_bos_token")
+    if not isinstance(add_bos, bool):
+        add_bos = "bos" in special and tokens[special["bos"]] == first
+    template = config.get("chat_template")
+    if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
+        template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return HFVocab(list(tokens), list(types), merges, special, add_bos, template)
+
+
+Pieces = dict[int, tuple[str, int]]  # id -> (token as llama.cpp spells it, gguf.TokenType)
+
+
+def _read_tokenizer_json(folder: Path, gguf: Any) -> tuple[Pieces, list[str], str | None]:
+    """``folder``'s tokenizer.json: its tokens, merges, and the special token its post-processor puts first."""
     spec = _read_json(folder / TOKENIZER_JSON)
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -367,14 +396,30 @@ def read_hf_vocab(folder: str | os.PathLike, vocab_size: int, gguf: Any) -> HFVo
         text = added["content"]
         control = added.get("special") or (text.startswith("<|") and text.endswith("|>"))
         pieces[added["id"]] = (text, T.CONTROL if control else T.USER_DEFINED)
-    if max(pieces) >= vocab_size:
-        raise ValueError(f"tokenizer {folder} has ids up to {max(pieces)}, past the model's vocabulary "
-                         f"({vocab_size} rows); give the model's own tokenizer folder")
-    tokens, types = zip(*(pieces.get(i, (f"[PAD{i}]", T.UNUSED)) for i in range(vocab_size)))
     # Byte-level BPE spells a space as "Ġ", so no part of a merge holds one: "left right" is unambiguous.
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return pieces, merges, _template_first(spec.get("post_processor"))
 
-    config = _read_json(folder / TOKENIZER_CONFIG)
+
+def _read_tiktoken_model(folder: Path, encoding: Encoding, gguf: Any) -> tuple[Pieces, list[str]]:
+    """Llama 3's tiktoken ranks as byte-level tokens with their merges (:func:`_byte_level_bpe`), then its
+    special tokens at their ids as control tokens.
+
+    One merge per token, where transformers' converter lists every split of a token into two tokens: tiktoken's
+    BPE never joins any other split. No part ever crosses the edges of the span the two parts cover, so they
+    formed there as they form in that token's bytes alone, whose BPE ends on its own split; llama.cpp, given
+    only these merges, so tokenizes as tiktoken does."""
+    specials = {encoding.encode_single_token(token): token for token in encoding.special_tokens_set}
+    ranks = [encoding.decode_single_token_bytes(i) for i in range(min(specials, default=encoding.n_vocab))]
+    tokens, merges = _byte_level_bpe(ranks, f"tokenizer {folder}")
+    T = gguf.TokenType
+    return {**dict(enumerate((token, T.NORMAL) for token in tokens)),
+            **{i: (token, T.CONTROL) for i, token in specials.items()}}, merges
+
+
+def _special_ids(folder: Path, config: dict, tokens: tuple[str, ...], fallback: dict[str, str]) -> dict[str, int]:
+    """The special tokens' ids: named in tokenizer_config.json (``config``), else given by id in config.json,
+    else named in ``fallback``."""
     ids = {token: i for i, token in enumerate(tokens)}
     special = {}
     for kind in ("bos", "eos", "unk", "pad"):
@@ -385,25 +430,22 @@ def read_hf_vocab(folder: str | os.PathLike, vocab_size: int, gguf: Any) -> HFVo
     model_config = _read_json(folder / MODEL_CONFIG)
     for kind in ("bos", "eos"):
         token_id = model_config.get(f"{kind}_token_id")
-        if kind not in special and isinstance(token_id, int) and 0 <= token_id < vocab_size:
+        if kind not in special and isinstance(token_id, int) and 0 <= token_id < len(tokens):
             special[kind] = token_id
-    add_bos = config.get("add_bos_token")
-    if not isinstance(add_bos, bool):
-        add_bos = "bos" in special and _template_starts_with(spec.get("post_processor"), tokens[special["bos"]])
-    template = config.get("chat_template")
-    if template is None and (folder / CHAT_TEMPLATE_FILE).is_file():
-        template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    return HFVocab(list(tokens), list(types), merges, special, add_bos, template)
+    for kind, text in fallback.items():
+        if kind not in special and text in ids:
+            special[kind] = ids[text]
+    return special
 
 
-def _template_starts_with(post_processor: dict | None, token: str) -> bool:
-    """Whether the tokenizer's TemplateProcessing (alone or in a Sequence) puts ``token`` before every text."""
+def _template_first(post_processor: dict | None) -> str | None:
+    """The special token the tokenizer's TemplateProcessing (alone or in a Sequence) puts before every text."""
     processors = (post_processor or {}).get("processors", [post_processor or {}])
     for processor in processors:
         if processor.get("type") == "TemplateProcessing":
             single = processor.get("single") or [{}]
-            return (single[0].get("SpecialToken") or {}).get("id") == token
-    return False
+            return (single[0].get("SpecialToken") or {}).get("id")
+    return None
 
 
 def _read_json(path: Path) -> dict:
@@ -419,29 +461,37 @@ def _read_json(path: Path) -> dict:
 @functools.lru_cache(maxsize=1)
 def gpt2_tokens_and_merges() -> tuple[list[str], list[str]]:
     """GPT-2's vocabulary as llama.cpp (and Hugging Face's vocab.json / merges.txt) spell it: every token as
-    its byte-level unicode string, ``<|endoftext|>`` last, and the merges in rank order as ``"left right"``.
+    its byte-level unicode string, ``<|endoftext|>`` last, and the merges in rank order as ``"left right"``."""
+    tokenizer = get_tokenizer()
+    ranks = [tokenizer.decode_single_token_bytes(i) for i in range(ENDOFTEXT_ID)]
+    tokens, merges = _byte_level_bpe(ranks, "gptjax's GPT-2 tokenizer")
+    return tokens + [ENDOFTEXT], merges
+
+
+def _byte_level_bpe(ranks: list[bytes], source: str) -> tuple[list[str], list[str]]:
+    """tiktoken's ranks (``ranks[r]``: the bytes of the token of rank r) as byte-level BPE: every token as its
+    byte-level unicode string, and the merges in rank order as ``"left right"``.
 
     tiktoken keeps only the ranks; the merge that made the token of rank r is found by running BPE on its
     bytes with the merges of rank < r, which must end in exactly two parts."""
     from gguf.vocab import bytes_to_unicode
 
-    tokenizer = get_tokenizer()
     byte_encoder = bytes_to_unicode()
-    pieces = [tokenizer.decode_single_token_bytes(i) for i in range(ENDOFTEXT_ID)]
-    ranks = {piece: rank for rank, piece in enumerate(pieces)}
+    rank_of = {piece: rank for rank, piece in enumerate(ranks)}
 
     def spell(piece: bytes) -> str:
         return "".join(byte_encoder[b] for b in piece)
 
     merges = []
-    for rank, piece in enumerate(pieces):
+    for rank, piece in enumerate(ranks):
         if len(piece) == 1:
             continue
-        parts = _bpe(piece, ranks, max_rank=rank)
+        parts = _bpe(piece, rank_of, max_rank=rank)
         if len(parts) != 2:
-            raise ValueError(f"the GPT-2 ranks give no single merge for token {rank} ({piece!r}): {parts}")
+            raise ValueError(f"{source}: its ranks give no single merge for token {rank} ({piece!r}): {parts}, "
+                             "which GGUF's merge list needs; give a folder with the model's tokenizer.json")
         merges.append(f"{spell(parts[0])} {spell(parts[1])}")
-    return [spell(piece) for piece in pieces] + [ENDOFTEXT], merges
+    return [spell(piece) for piece in ranks], merges
 
 
 def _bpe(piece: bytes, ranks: dict[bytes, int], *, max_rank: int) -> list[bytes]:
