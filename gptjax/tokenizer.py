@@ -71,11 +71,14 @@ def load_default_corpus() -> str:
 # Meta's pre-tokenizer for Llama 3's tiktoken ranks (its tokenizer.py; the book's Llama3Tokenizer uses it too).
 LLAMA3_PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# Llama 3's special tokens after its 128,000 ranks, as the book names them, for a tokenizer.model with no
-# tokenizer_config.json beside it (which lists Meta's names and wins).
-LLAMA3_SPECIALS = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
-                   9: "<|eot_id|>"}
+# Llama 3.2's 256 special tokens after its 128,000 ranks, named as Meta's tokenizer.py and transformers'
+# converter name them (the names its tokenizer.json carries), for a tokenizer.model with no
+# tokenizer_config.json beside it (which lists the folder's own names and wins).
 LLAMA3_N_SPECIALS = 256
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                   "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+                   "<|eot_id|>", "<|python_tag|>")
+LLAMA3_SPECIALS += tuple(f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_N_SPECIALS - len(LLAMA3_SPECIALS)))
 
 Encoding = tiktoken.Encoding  # or HFEncoding: what load_tokenizer returns
 # A model folder's tokenizer and chat files (what load_tokenizer and gptjax.chat read; a run directory keeps copies).
@@ -151,8 +154,7 @@ def load_tokenizer(folder: str | os.PathLike) -> Encoding | HFEncoding:
                        if f.is_file() and _is_tiktoken_ranks(f)), None)
     if ranks_file is not None:
         ranks = load_tiktoken_bpe(str(ranks_file))
-        specials = _added_tokens(folder) or {
-            LLAMA3_SPECIALS.get(k, f"<|reserved_{k}|>"): len(ranks) + k for k in range(LLAMA3_N_SPECIALS)}
+        specials = _added_tokens(folder) or {name: len(ranks) + k for k, name in enumerate(LLAMA3_SPECIALS)}
         return tiktoken.Encoding(name=folder.name, pat_str=LLAMA3_PAT_STR, mergeable_ranks=ranks,
                                  special_tokens={t: i for t, i in specials.items() if i >= len(ranks)})
     if not (folder / "tokenizer.json").is_file():

@@ -99,6 +99,11 @@ def test_llama_tiktoken_model_encodes_as_transformers(llama_folder, llama_refere
     encoding = load_tokenizer(llama_folder)
     assert encoding.n_vocab == LLAMA_RANKS + LLAMA3_N_SPECIALS == len(llama_reference)
     assert encoding.encode("<|begin_of_text|>", allowed_special="all") == [LLAMA_RANKS]
+    # Meta's names at Meta's ids (transformers' Llama 3.2 converter writes the same into tokenizer.json)
+    for name, offset in (("<|finetune_right_pad_id|>", 4), ("<|eom_id|>", 8), ("<|eot_id|>", 9),
+                         ("<|python_tag|>", 10), ("<|reserved_special_token_2|>", 11),
+                         ("<|reserved_special_token_246|>", 255)):
+        assert encoding.encode_single_token(name) == LLAMA_RANKS + offset, name
     for text in TEXTS:
         ids = encoding.encode(text, allowed_special="all")
         assert ids == llama_reference.encode(text, add_special_tokens=False), text
