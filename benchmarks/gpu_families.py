@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import gptjax  # noqa: E402
 from benchmarks.bench_decode_families import gptjax_rate, random_params  # noqa: E402
 from benchmarks.common import datasheet_flops, machine_info, print_table, write_json  # noqa: E402
+from gptjax.aot_compile import planned_sizes  # noqa: E402
 from gptjax.flops import flops_per_token  # noqa: E402
 from gptjax.presets import model_preset  # noqa: E402
 from gptjax.training import TrainConfig, init_opt_state, make_optimizer, make_train_step  # noqa: E402
@@ -49,7 +50,6 @@ def train_case(model: str, remat: bool, batch: int, context: int, steps: int) ->
     start = time.perf_counter()
     compiled = step.lower(*state, (x, y), key).compile()
     compile_s = time.perf_counter() - start
-    planned = compiled.memory_analysis()
 
     def run() -> float:
         start = time.perf_counter()
@@ -63,20 +63,17 @@ def train_case(model: str, remat: bool, batch: int, context: int, steps: int) ->
     tokens_per_s = batch * context / step_s
     peak = datasheet_flops(jax.devices()[0].device_kind)
     stats = jax.devices()[0].memory_stats() or {}
-    planned_bytes = None if planned is None else sum(
-        getattr(planned, f, 0) for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")
-    ) - getattr(planned, "alias_size_in_bytes", 0)
-    return dict(model=model, remat=remat, batch=batch, context=context, compile_s=compile_s, first_step_s=first_s, step_s=step_s,
-                step_runs_s=times, tokens_per_s=tokens_per_s,
+    return dict(model=model, remat=remat, batch=batch, context=context, compile_s=compile_s, first_step_s=first_s,
+                step_s=step_s, step_runs_s=times, tokens_per_s=tokens_per_s,
                 mfu=None if peak is None else tokens_per_s * flops_per_token(cfg, context) / peak,
                 peak_device_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-                planned_gib=None if planned_bytes is None else planned_bytes / 2**30)
+                planned_gib=planned_sizes(compiled)["peak"] / 2**30)
 
 
 def decode_cases(model: str, new: int, repeats: int):
     """bf16 KV-cached greedy decode rows of ``model`` at batch 1 and 8, one at a time."""
-    weights, cfg = gptjax.sampling.decoding_weights(random_params(model_preset(model)), model_preset(model),
-                                                    "bfloat16")
+    cfg = model_preset(model)
+    weights, cfg = gptjax.sampling.decoding_weights(random_params(cfg), cfg, "bfloat16")
     for batch in (1, 8):
         yield dict(model=model, batch=batch, weights="bfloat16", new_tokens=new,
                    **gptjax_rate(weights, cfg, batch, 32, new, repeats))
@@ -85,7 +82,7 @@ def decode_cases(model: str, new: int, repeats: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["qwen3-0.6b", "llama-3.2-1b"])
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -95,7 +92,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.case:
         model, remat = args.case.split(":")
-        print(json.dumps(train_case(model, remat == "1", args.batch, args.context, args.steps)))
+        print(json.dumps(train_case(model, remat == "1", args.batch_size, args.context, args.steps)))
         return
     train, decode = [], []
 
@@ -104,7 +101,7 @@ def main() -> None:
 
     for model in args.models:
         for remat in (True, False):
-            cmd = [sys.executable, __file__, "--case", f"{model}:{int(remat)}", "--batch", str(args.batch),
+            cmd = [sys.executable, __file__, "--case", f"{model}:{int(remat)}", "--batch-size", str(args.batch_size),
                    "--context", str(args.context), "--steps", str(args.steps)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             row = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else

@@ -89,7 +89,7 @@ def compile_train_step(target: str, cfg: ModelConfig, tcfg: TrainConfig, *, mesh
         hlo = compiled.as_text()
         if dump_hlo is not None:
             write_text(Path(dump_hlo), hlo)
-        per_device = _planned_sizes(compiled)
+        per_device = planned_sizes(compiled)
         attention, flops = _attention_kind(hlo, resolved, cfg, tcfg), _flops(compiled)
     usable = per_device.pop("usable", None) or resolved.usable_memory_bytes
     fits = None if usable is None else compiled is not None and per_device["peak"] <= usable
@@ -184,7 +184,9 @@ def _on_a_deep_stack(fn: Callable[[], Any]) -> Any:
     return result["value"]
 
 
-def _planned_sizes(compiled: Any) -> dict[str, int]:
+def planned_sizes(compiled: Any) -> dict[str, int]:
+    """A compiled program's memory plan per device in bytes, ``peak`` what it needs at once (the AOT report's
+    figures; benchmarks/gpu_families.py sets a real device's peak beside it)."""
     mem = compiled.memory_analysis()
     b = {
         "arguments": int(mem.argument_size_in_bytes),

@@ -17,8 +17,8 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's package (.ci/run installs it); playwr
 
 
 @contextlib.contextmanager
-def running_server(weights: str | os.PathLike, *flags: str) -> Iterator[str]:
-    """The server's base URL, once every shape is compiled and the socket listens."""
+def running_server(weights: str | os.PathLike, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The server's process and base URL, once every shape is compiled and the socket listens."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -28,10 +28,11 @@ def running_server(weights: str | os.PathLike, *flags: str) -> Iterator[str]:
     try:
         line = proc.stdout.readline()  # printed once the server listens
         assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-        yield f"http://127.0.0.1:{port}"
+        yield proc, f"http://127.0.0.1:{port}"
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.poll() is None:  # a test may have ended it (SIGTERM)
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager

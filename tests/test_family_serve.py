@@ -44,7 +44,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    with running_server(folder, "--max-batch", "1") as url:
+    with running_server(folder, "--max-batch", "1") as (_, url):
         yield url
 
 

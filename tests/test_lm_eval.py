@@ -92,7 +92,7 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(setup):
     tmp, _ = setup
-    with running_server(tmp / "tiny", "--max-batch", "4") as url:
+    with running_server(tmp / "tiny", "--max-batch", "4") as (_, url):
         yield url
 
 

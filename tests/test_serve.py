@@ -6,14 +6,10 @@ last in the file, ends it."""
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import jax
@@ -23,19 +19,12 @@ import pytest
 import gptjax
 from gptjax import GPTConfig
 from gptjax import generate
-from tests.served import browser_page
+from tests.served import browser_page, running_server
 
 openai = pytest.importorskip("openai")  # the serve extra's client; part of dev
 
-ROOT = Path(__file__).resolve().parent.parent
 CFG = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_layers=2, n_heads=2, drop_rate=0.0)
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +37,9 @@ def weights(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(weights):
-    port = free_port()
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".cache" / "jax")}
-    proc = subprocess.Popen([sys.executable, "-m", "gptjax.serve", "--weights", str(weights[0]), "--port", str(port),
-                             "--max-batch", "4", "--max-queue", "32", "--api-key", KEY, "--grace-seconds", "30"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # printed once every shape is compiled and the socket listens
-    assert f"http://127.0.0.1:{port}" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    yield proc, f"http://127.0.0.1:{port}"
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with running_server(weights[0], "--max-batch", "4", "--max-queue", "32", "--api-key", KEY,
+                        "--grace-seconds", "30") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
