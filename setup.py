@@ -24,7 +24,7 @@ setup(
     ext_modules=[
         Extension(
             "gptjax._cpu_kernels",
-            sources=["gptjax/csrc/weights_matmul.cc", "gptjax/csrc/cached_attention.cc"],
+            sources=["gptjax/csrc/weights_matmul.cc", "gptjax/csrc/cached_attention.cc", "gptjax/csrc/transpose.cc"],
             depends=["gptjax/csrc/tasks.h", "gptjax/csrc/weights_matmul_simd.inc"],
             include_dirs=[xla_ffi_include()],
             language="c++",

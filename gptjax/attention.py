@@ -193,6 +193,14 @@ def _ungrouped(blocks: list[jax.Array], reps: int) -> jax.Array:
     return x.reshape(b, g * reps, -1, d).transpose(0, 2, 1, 3)
 
 
+def _transposed(x: jax.Array) -> jax.Array:
+    """``x`` with its last two axes swapped; in bfloat16 written out in memory, so that XLA:CPU multiplies
+    it as bfloat16 (:func:`gptjax.cpu_kernels.swap_last_axes` says why)."""
+    if x.dtype == jnp.bfloat16 and cpu_kernels.unavailable() is None:
+        return cpu_kernels.swap_last_axes(x)
+    return x.swapaxes(-1, -2)
+
+
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int):
     seq, groups, head_dim = q.shape[1], k.shape[2], q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim)
@@ -238,8 +246,8 @@ def _attention_bwd(block, res, g):
         ds = p * (_nn(g_rows, v_t[..., :end]) - _rows(delta, start, end)) * scale
         ds = ds.astype(dtype)
         dq.append(_nn(ds, kh[:, :, :end]).astype(dtype))
-        dk_t.append(_pad_keys(_nn(_rows(qg, start, end).swapaxes(2, 3), ds), seq))
-        dv_t.append(_pad_keys(_nn(g_rows.swapaxes(2, 3), p.astype(dtype)), seq))
+        dk_t.append(_pad_keys(_nn(_transposed(_rows(qg, start, end)), ds), seq))
+        dv_t.append(_pad_keys(_nn(_transposed(g_rows), p.astype(dtype)), seq))
     dq = _ungrouped(dq, reps)
     dk = sum(dk_t).astype(k_t.dtype).transpose(0, 3, 1, 2)
     dv = sum(dv_t).astype(vh.dtype).transpose(0, 3, 1, 2)

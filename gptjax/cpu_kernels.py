@@ -54,7 +54,8 @@ ISAS = ("auto", "avx512", "avx2", "portable")  # gptjax::Isa in tasks.h, in its 
 _LIBRARY = "gptjax._cpu_kernels"
 _TARGETS = {"bfloat16": ("gptjax_matmul_bf16", "GptjaxMatmulBf16"), "int8": ("gptjax_matmul_int8", "GptjaxMatmulInt8"),
             "float32": ("gptjax_matmul_f32", "GptjaxMatmulF32"),
-            "attention": ("gptjax_cached_attention", "GptjaxCachedAttention")}
+            "attention": ("gptjax_cached_attention", "GptjaxCachedAttention"),
+            "swap_last_axes": ("gptjax_swap_last_axes_bf16", "GptjaxSwapLastAxesBf16")}
 
 
 @functools.cache
@@ -163,3 +164,14 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Arra
     call = jax.ffi.ffi_call(_TARGETS["attention"][0], out, input_output_aliases={3: 1, 4: 2},
                             vmap_method="sequential")
     return call(q, k, v, cache_k, cache_v, pos.astype(jnp.int32), cache_rows.astype(jnp.int32), isa=_isa_code(isa))
+
+
+def swap_last_axes(x: jax.Array) -> jax.Array:
+    """``x`` bfloat16 [..., m, k] as [..., k, m], written out in memory: a call XLA cannot see into, so it
+    cannot fold the transpose into a following dot's dimension numbers (gptjax/csrc/transpose.cc says why
+    that matters). Only for programs lowered for the CPU, and only where :func:`unavailable` is None."""
+    _check_available()
+    if x.ndim < 2 or x.dtype != jnp.bfloat16:
+        raise ValueError(f"swap_last_axes takes a bfloat16 array of at least two axes, got {x.dtype}{x.shape}")
+    out = jax.ShapeDtypeStruct((*x.shape[:-2], x.shape[-1], x.shape[-2]), x.dtype)
+    return jax.ffi.ffi_call(_TARGETS["swap_last_axes"][0], out, vmap_method="expand_dims")(x)

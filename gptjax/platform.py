@@ -163,18 +163,50 @@ def _float32_weights_matmul_jvp(primals, tangents):
     return float32_weights_matmul(x, kernel), dx @ kernel + x @ dkernel
 
 
+def _plain_contraction(x: jax.Array, kernel: Any, dimension_numbers: Any) -> bool:
+    (contract_x, contract_k), (batch_x, batch_k) = dimension_numbers
+    return (tuple(contract_x) == (x.ndim - 1,) and tuple(contract_k) == (0,) and not batch_x and not batch_k
+            and isinstance(kernel, jax.Array) and kernel.ndim == 2)
+
+
 def _decode_shaped(x: jax.Array, kernel: Any, dimension_numbers: Any) -> bool:
     """A float32 Linear layer applied to at most MAX_ROWS rows (a decode step), in the plain contraction."""
-    (contract_x, contract_k), (batch_x, batch_k) = dimension_numbers
-    plain = tuple(contract_x) == (x.ndim - 1,) and tuple(contract_k) == (0,) and not batch_x and not batch_k
-    return (plain and isinstance(kernel, jax.Array) and x.dtype == kernel.dtype == jnp.float32 and kernel.ndim == 2
+    return (_plain_contraction(x, kernel, dimension_numbers) and x.dtype == kernel.dtype == jnp.float32
             and math.prod(x.shape[:-1]) <= cpu_kernels.MAX_ROWS and cpu_kernels.unavailable() is None)
+
+
+def _bf16_dot(a: jax.Array, b: jax.Array, spec: str) -> jax.Array:
+    return jnp.einsum(spec, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def bfloat16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` for bfloat16 x [..., k] and kernel [k, n], in float32, its forward pass and both
+    gradients as dots XLA:CPU keeps in bfloat16 (see the table above); the gradients in the operands' dtype.
+    CPU only (:func:`gptjax.cpu_kernels.swap_last_axes`)."""
+    return _bf16_dot(x, kernel, "...k,kn->...n")
+
+
+def _bfloat16_matmul_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return bfloat16_matmul(x, kernel), (x, kernel)
+
+
+def _bfloat16_matmul_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, kernel = res
+    dx = _bf16_dot(g, kernel, "...n,kn->...k")
+    x_t = cpu_kernels.swap_last_axes(x.reshape(-1, x.shape[-1]))  # [k, rows] in memory: contracted last
+    dkernel = _bf16_dot(x_t, g.reshape(-1, g.shape[-1]), "km,mn->kn")
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+bfloat16_matmul.defvjp(_bfloat16_matmul_fwd, _bfloat16_matmul_bwd)
 
 
 def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwargs) -> jax.Array:
     """A Linear layer's ``lax.dot_general``; a stored kernel (left unpromoted by
-    :func:`linear_promote_dtype`) goes through :func:`stored_weights_matmul`, and a float32 one in a
-    decode step, on CPU, through :func:`float32_weights_matmul`."""
+    :func:`linear_promote_dtype`) goes through :func:`stored_weights_matmul`; on CPU, a float32 one in a
+    decode step through :func:`float32_weights_matmul`, and bfloat16 compute through
+    :func:`bfloat16_matmul`."""
     if _reads_stored(kernel, x.dtype):  # x is already in the layer's compute dtype
         return stored_weights_matmul(x, kernel)
 
@@ -183,6 +215,11 @@ def linear_dot_general(x: jax.Array, kernel: Any, dimension_numbers: Any, **kwar
 
     if _decode_shaped(x, kernel, dimension_numbers):
         return _cpu_or_accelerator(x, kernel, cpu=float32_weights_matmul, accelerator=xla)
+    if (x.dtype == jnp.bfloat16 and _plain_contraction(x, kernel, dimension_numbers)
+            and kernel.dtype == jnp.bfloat16 and cpu_kernels.unavailable() is None):
+        out_dtype = kwargs.get("preferred_element_type") or jnp.bfloat16
+        return _cpu_or_accelerator(x, kernel, cpu=lambda x, k: bfloat16_matmul(x, k).astype(out_dtype),
+                                   accelerator=xla)
     return xla(x, kernel)
 
 

@@ -128,6 +128,20 @@ def test_refuses_what_it_cannot_compute():
                                      jnp.zeros(1, jnp.int32))
 
 
+# --- the transpose that keeps bfloat16 products bfloat16 -------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (1024, 768), (3, 130, 67), (2, 12, 256, 64), (0, 4)])
+def test_swap_last_axes_writes_the_transpose(shape):
+    x = jax.random.normal(jax.random.key(0), shape).astype(jnp.bfloat16)
+    got = jax.jit(cpu_kernels.swap_last_axes)(x)
+    np.testing.assert_array_equal(np.asarray(got), np.swapaxes(np.asarray(x), -1, -2))
+    batched = jax.jit(jax.vmap(cpu_kernels.swap_last_axes))(jnp.stack([x, -x]))
+    np.testing.assert_array_equal(np.asarray(batched[1]), -np.swapaxes(np.asarray(x), -1, -2))
+    with pytest.raises(ValueError, match="takes a bfloat16 array of at least two axes"):
+        cpu_kernels.swap_last_axes(x.astype(jnp.float32))
+
+
 # --- the cached attention -------------------------------------------------------------------------
 
 

@@ -123,3 +123,34 @@ def test_cpu_attention_skips_the_masked_half():
     # compiled: the lowered CPU program still carries zeros for the other branches' residuals
     assert not re.search(r"f32\[[0-9,]*512,512\]", traced.lower(lowering_platforms=("cpu",)).compile().as_text())
     assert "512x512xf32" in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
+def widened_to_float32(hlo: str) -> list[str]:
+    """The instructions of a compiled program that convert a bfloat16 operand to float32."""
+    types = dict(re.findall(r"%?([\w.\-]+)(?::| =) (\w+)\[", hlo))
+    return [line.strip() for line in hlo.splitlines()
+            if (m := re.search(r"= f32\[[^\]]*\]\S* convert\(%?([\w.\-]+)\)", line)) and types.get(m.group(1)) == "bf16"]
+
+
+def test_bfloat16_linear_multiplies_in_bfloat16_on_cpu():
+    """A Linear layer computing in bfloat16 gives XLA's values and gradients (its output bfloat16, so the
+    incoming gradient is too), and on CPU neither its product nor its gradients' products widen an operand to
+    float32 (XLA:CPU's dot would: platform.py's table); accelerator programs keep XLA's dot."""
+    x = jax.random.normal(jax.random.key(0), (2, 20, 48)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (48, 96)).astype(jnp.bfloat16)
+    c = jax.random.normal(jax.random.key(2), (2, 20, 96))
+    dims = (((2,), (0,)), ((), ()))
+
+    def loss(dot_general):
+        return lambda x, w: jnp.vdot(dot_general(x, w, dims).astype(jnp.float32), c)
+
+    got = jax.jit(jax.value_and_grad(loss(platform.linear_dot_general), argnums=(0, 1)))(x, w)
+    want = jax.value_and_grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, w)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
+    grad = jax.jit(jax.grad(loss(platform.linear_dot_general), argnums=(0, 1)))  # no forward value: only products
+    hlo = grad.lower(x, w).compile().as_text()
+    assert "gptjax_swap_last_axes_bf16" in hlo and not widened_to_float32(hlo)
+    assert widened_to_float32(jax.jit(jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))).lower(x, w).compile().as_text())
+    assert "gptjax_swap_last_axes" not in grad.trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
