@@ -1,6 +1,6 @@
 """Where a training step's time goes, by kind of operation: gptjax's XLA profile beside torch's.
 
-    python benchmarks/profile_train.py [--cases book gpt2-1024] [--dtype float32] [--torch compile eager]
+    python benchmarks/profile_train.py [--cases book gpt2-1024] [--dtypes float32 bfloat16] [--torch compile eager]
                                        [--out benchmarks/results/profile_train.json]
 
 The cases and both implementations are :mod:`bench_train`'s (the step ``python -m gptjax.train`` runs, and
@@ -14,8 +14,10 @@ the book's ``GPTModel`` with AdamW). After warm-up steps, one step of each is pr
 - torch: ``torch.profiler`` records the step; each operator's self time is put in a kind by its name
   (torch.compile's generated kernels are named after what they fuse, e.g. ``cpp_fused__softmax_...``).
 
-Times are the operations' own durations summed: on 2 cores two operations can overlap, so the total can
-exceed the step's wall time a little. Kinds: weight matmuls (q/k/v, attention output, feed-forward, output
+The operations' own durations are summed per kind (``op_seconds`` in the JSON). XLA:CPU runs independent
+operations side by side (each on fewer threads), torch one after another on all threads, so these sums
+compare only within one implementation; the table shows each kind's share of the sum times the step's
+wall time (an unprofiled step timed just before), which compares across them. Kinds: weight matmuls (q/k/v, attention output, feed-forward, output
 head), attention (scores, softmax, mixing, attention dropout; forward and backward), layer norm, GELU, dropout
 (its random bits and masks outside attention), cross-entropy, optimizer (AdamW and the gradient norm),
 embedding, other (residual adds, copies).
@@ -38,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import CASES, DTYPES, JaxRunner, TorchRunner, case_setup  # noqa: E402
-from common import machine_info, write_json  # noqa: E402
+from common import machine_info, timed, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("weight matmuls", "attention", "layer norm", "GELU", "dropout", "cross-entropy", "optimizer",
@@ -95,11 +97,12 @@ def jax_kind(op_name: str | None) -> str:
     return "other"
 
 
-def profile_jax(cfg, inputs, targets, dtype) -> dict[str, float]:
+def profile_jax(cfg, inputs, targets, dtype) -> tuple[dict[str, float], float]:
     with layer_scopes():
         runner = JaxRunner(cfg, inputs, targets, dtype, remat=False)
     for _ in range(2):
         runner.step()
+    wall = timed(runner.step)
     metadata = {}
     for line in runner.step_fn.as_text().splitlines():
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", line)
@@ -120,29 +123,32 @@ def profile_jax(cfg, inputs, targets, dtype) -> dict[str, float]:
                     if event.name.startswith(("ThunkExecutor", "end: ", "SlinkyThreadPool")):
                         continue
                     seconds[jax_kind(metadata.get(event.name))] += event.duration_ns / 1e9
-    return dict(seconds)
+    return dict(seconds), wall
 
 
-TORCH_PATTERNS = (  # first match wins; names of aten operators and of torch.compile's fused kernels
-    ("optimizer", r"optim|adam|_foreach|lerp|addcdiv|addcmul"),
+TORCH_PATTERNS = (  # first match wins; names of aten operators and of torch.compile's fused kernels, which
+    # name what they fuse (a kernel fusing attention's softmax with its dropout is attention's)
     ("cross-entropy", r"log_softmax|nll_loss|cross_entropy"),
+    ("attention", r"bmm|softmax|masked_fill|scaled_dot_product"),
+    ("GELU", r"tanh"),
+    ("layer norm", r"layer_norm|var_mean|_var_|_mean_|\bmean\b"),
     ("dropout", r"dropout|bernoulli"),
-    ("attention", r"bmm|softmax|masked_fill|baddbmm|scaled_dot_product|where|triu"),
-    ("layer norm", r"layer_norm|var_mean|\bmean\b|rsqrt|sqrt"),
-    ("GELU", r"gelu|tanh|pow"),
     ("embedding", r"embedding"),
-    ("weight matmuls", r"\b(aten::)?(mm|addmm|matmul|linear)\b|extern_kernels"),
+    ("weight matmuls", r"\baten::(mm|addmm|matmul|linear)\b"),
 )
 
 
-def torch_kind(name: str) -> str:
+def torch_kind(name: str, ancestors: list[str]) -> str:
+    """The kind of a profiled torch operator, from its name and the names of the calls it ran inside."""
+    if any(a.startswith("Optimizer.") for a in [name, *ancestors]):  # AdamW's step and zero_grad
+        return "optimizer"
     for kind, pattern in TORCH_PATTERNS:
         if re.search(pattern, name):
             return kind
     return "other"
 
 
-def profile_torch(cfg, inputs, targets, dtype_name, mode) -> dict[str, float]:
+def profile_torch(cfg, inputs, targets, dtype_name, mode) -> tuple[dict[str, float], float]:
     import torch
     from torch._inductor import config as inductor_config
 
@@ -150,39 +156,48 @@ def profile_torch(cfg, inputs, targets, dtype_name, mode) -> dict[str, float]:
     runner = TorchRunner(cfg, inputs, targets, dtype_name, mode, "cpu")
     for _ in range(2):
         runner.step()
+    wall = timed(runner.step)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         runner.step()
     seconds = collections.Counter()
-    for event in prof.key_averages():
-        seconds[torch_kind(event.key)] += event.self_cpu_time_total / 1e6
-    return dict(seconds)
+    for event in prof.events():
+        ancestors, parent = [], event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        seconds[torch_kind(event.name, ancestors)] += event.self_cpu_time_total / 1e6
+    return dict(seconds), wall
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--torch", nargs="*", choices=("eager", "compile"), default=["compile"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "profile_train.json"))
     args = parser.parse_args(argv)
     if jax.default_backend() != "cpu":
         parser.error("profile_train.py profiles the CPU step (the torch side runs on the CPU)")
 
-    results = dict(machine=machine_info(), dtype=args.dtype, cases=[])
+    results = dict(machine=machine_info(), cases=[])
     for name in args.cases:
         cfg, batch, _ = case_setup(name, 1)
         rng = np.random.default_rng(0)
         inputs, targets = (rng.integers(0, cfg.vocab_size, (batch, cfg.context_length), dtype=np.int32)
                            for _ in range(2))
-        profiles = {"gptjax": profile_jax(cfg, inputs, targets, DTYPES[args.dtype])}
-        for mode in args.torch:
-            profiles[f"torch-{mode}"] = profile_torch(cfg, inputs, targets, args.dtype, mode)
-        results["cases"].append(dict(case=name, batch=batch, seq_len=cfg.context_length, seconds=profiles))
-        print(f"\n== {name}, batch {batch} x {cfg.context_length}, {args.dtype}: seconds of the step's operations")
-        print(f"{'kind':16}" + "".join(f"{impl:>15}" for impl in profiles))
-        for kind in KINDS + ("total",):
-            cells = (sum(p.values()) if kind == "total" else p.get(kind, 0.0) for p in profiles.values())
-            print(f"{kind:16}" + "".join(f"{s:15.3f}" for s in cells))
+        for dtype in args.dtypes:
+            profiles = {"gptjax": profile_jax(cfg, inputs, targets, DTYPES[dtype])}
+            for mode in args.torch:
+                profiles[f"torch-{mode}"] = profile_torch(cfg, inputs, targets, dtype, mode)
+            steps = {impl: dict(step_s=wall, op_seconds=ops, step_share_s={
+                kind: wall * ops.get(kind, 0.0) / sum(ops.values()) for kind in KINDS})
+                for impl, (ops, wall) in profiles.items()}
+            results["cases"].append(dict(case=name, dtype=dtype, batch=batch, seq_len=cfg.context_length, **steps))
+            print(f"\n== {name}, batch {batch} x {cfg.context_length}, {dtype}: seconds of the step, by kind")
+            print(f"{'kind':16}" + "".join(f"{impl:>15}" for impl in steps))
+            for kind in KINDS:
+                print(f"{kind:16}" + "".join(f"{step['step_share_s'][kind]:15.3f}" for step in steps.values()))
+            print(f"{'step (wall)':16}" + "".join(f"{step['step_s']:15.3f}" for step in steps.values()))
     write_json(args.out, results)
     return 0
 

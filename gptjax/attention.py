@@ -195,7 +195,7 @@ def _ungrouped(blocks: list[jax.Array], reps: int) -> jax.Array:
 
 def _transposed(x: jax.Array) -> jax.Array:
     """``x`` with its last two axes swapped; in bfloat16 written out in memory, so that XLA:CPU multiplies
-    it as bfloat16 (:func:`gptjax.cpu_kernels.swap_last_axes` says why)."""
+    it as bfloat16 (:mod:`gptjax.platform`'s table says why)."""
     if x.dtype == jnp.bfloat16 and cpu_kernels.unavailable() is None:
         return cpu_kernels.swap_last_axes(x)
     return x.swapaxes(-1, -2)

@@ -1,4 +1,4 @@
-"""gptjax's compiled CPU kernels for decoding (``gptjax/csrc/``), through XLA's FFI.
+"""gptjax's compiled CPU kernels (``gptjax/csrc/``) through XLA's FFI: two for decoding, one for bf16 training.
 
 Two things a batch-1 decode step on XLA:CPU does badly (benchmarks/NOTES.md):
 
@@ -17,6 +17,9 @@ Two things a batch-1 decode step on XLA:CPU does badly (benchmarks/NOTES.md):
   over it in one loop iteration makes XLA copy every layer's cache slabs several times a token. This
   kernel updates the cache in place (its operands are aliased to its results) and reads only the filled
   slots.
+
+And one for training in bfloat16 (:func:`swap_last_axes`): a transpose written out in memory, so that a
+weight gradient's product stays bfloat16 (:mod:`gptjax.platform`'s table says why).
 
 The library is built when gptjax is installed (``setup.py``; it needs a C++ compiler). Where it was not
 built, :func:`unavailable` says so and :mod:`gptjax.platform` uses XLA alone (same values, slower; from

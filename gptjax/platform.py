@@ -23,6 +23,11 @@ Linear, <= 8 rows      compiled kernel,       XLA's dot (bf16 / int8    XLA's do
 any number)            int8 too, blocks of 32)
 Linear, more rows      XLA's dot (bf16        the same                  the same
                        widened first)
+Linear computing in    bf16 x bf16 dots,      XLA's dot                 XLA's dot
+bf16 (mixed-precision  float32 result; the
+training)              weight gradient's
+                       input transposed in
+                       memory (compiled call)
 KV cache length        the whole context      grown in buckets          grown in buckets
                        (one decode program)   (64, 128, ...)            (64, 128, ...)
 =====================  =====================  ========================  ==================================
@@ -56,6 +61,14 @@ Why (benchmarks/NOTES.md has the measurements):
   the activations to int8 as well and multiplies with int8 dot products (AVX-512 VNNI): 8 rows of
   gpt2-small's decode step 30 -> 17 ms, and faster than XLA's float32 GEMM at any prompt length, so int8
   weights on CPU always take it.
+- Linear layers computing in bfloat16 (``--dtype bfloat16`` training): XLA:CPU multiplies bfloat16 operands
+  as bfloat16 (AVX512-BF16 / AMX: twice float32's rate here) only when the product is float32 and the left
+  operand is contracted over its last axis; any other bfloat16 dot it widens to float32 first, slower than
+  float32 throughout. So the layer's product is taken in float32 and rounded, its input gradient
+  ``g @ W^T`` is already in that form, and its weight gradient ``x^T g``, which contracts both operands
+  over their first axis, reads ``x`` transposed in memory by :func:`gptjax.cpu_kernels.swap_last_axes` (a
+  transpose XLA could see it would fold back into the dot). gpt2-small's bf16 step at 1 x 1024 went from
+  5.7 to 3.6 s on a 2-core AMD EPYC (benchmarks/NOTES.md). GPU and TPU compilers multiply bf16 in any form.
 - KV cache length (:mod:`gptjax.sampling`): XLA's attention reads every slot of the cache it is given,
   so elsewhere the decode loop's cache grows in buckets, one compiled program each, and a step reads at
   most twice the filled length. The compiled attention reads only the filled slots whatever the cache's

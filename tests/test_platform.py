@@ -128,8 +128,8 @@ def test_cpu_attention_skips_the_masked_half():
 def widened_to_float32(hlo: str) -> list[str]:
     """The instructions of a compiled program that convert a bfloat16 operand to float32."""
     types = dict(re.findall(r"%?([\w.\-]+)(?::| =) (\w+)\[", hlo))
-    return [line.strip() for line in hlo.splitlines()
-            if (m := re.search(r"= f32\[[^\]]*\]\S* convert\(%?([\w.\-]+)\)", line)) and types.get(m.group(1)) == "bf16"]
+    converts = (re.search(r"= f32\[[^\]]*\]\S* convert\(%?([\w.\-]+)\)", line) for line in hlo.splitlines())
+    return [m.group(0) for m in converts if m and types.get(m.group(1)) == "bf16"]
 
 
 def test_bfloat16_linear_multiplies_in_bfloat16_on_cpu():
@@ -152,5 +152,6 @@ def test_bfloat16_linear_multiplies_in_bfloat16_on_cpu():
     grad = jax.jit(jax.grad(loss(platform.linear_dot_general), argnums=(0, 1)))  # no forward value: only products
     hlo = grad.lower(x, w).compile().as_text()
     assert "gptjax_swap_last_axes_bf16" in hlo and not widened_to_float32(hlo)
-    assert widened_to_float32(jax.jit(jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))).lower(x, w).compile().as_text())
+    xla_grad = jax.jit(jax.grad(loss(jax.lax.dot_general), argnums=(0, 1)))
+    assert widened_to_float32(xla_grad.lower(x, w).compile().as_text())
     assert "gptjax_swap_last_axes" not in grad.trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
