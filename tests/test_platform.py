@@ -69,6 +69,23 @@ def test_layer_norm_means_agree():
     np.testing.assert_allclose(platform.layer_norm_mean(x), x.mean(-1, keepdims=True), atol=1e-6)
 
 
+def test_scale_and_shift_gradients_are_autodiffs():
+    """LayerNorm's affine step: values and all three gradients those of ``scale * x + shift``, the parameters'
+    row sums a matrix-vector product in the CPU program (a reduction in the TPU program)."""
+    x, g = (jax.random.normal(jax.random.key(i), (3, 7, 48)) for i in (6, 7))
+    scale, shift = jax.random.normal(jax.random.key(8), (2, 48))
+    loss = lambda f: lambda *a: jnp.vdot(f(*a), g)  # noqa: E731
+    got = jax.value_and_grad(loss(platform.scale_and_shift), argnums=(0, 1, 2))(x, scale, shift)
+    want = jax.value_and_grad(loss(lambda x, a, b: a * x + b), argnums=(0, 1, 2))(x, scale, shift)
+    close_trees(got, want, tol=1e-5)
+    for variant in (platform.row_sum_by_matvec, platform.row_sum_by_reduction):
+        np.testing.assert_allclose(variant(x), x.sum(axis=(0, 1)), atol=1e-5)
+    traced = jax.jit(jax.grad(loss(platform.scale_and_shift), argnums=(1, 2))).trace(x, scale, shift)
+    ones = "(tensor<21xf32>, tensor<21x48xf32>) -> tensor<48xf32>"  # the 3 x 7 rows summed by a product
+    assert ones in traced.lower(lowering_platforms=("cpu",)).as_text()
+    assert ones not in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
 def test_sums_of_squares_give_optax_global_norm():
     params = gptjax.init_params(CFG, seed=6)
     want = float(optax.tree.norm(params))
