@@ -388,6 +388,6 @@ def sum_of_squares(x: jax.Array) -> jax.Array:
     return _cpu_or_accelerator(x, cpu=sum_of_squares_by_matvec, accelerator=sum_of_squares_by_reduction)
 
 
-__all__ = ["layer_norm_mean", "scale_and_shift", "project_qkv", "logits", "block_input", "sum_of_squares", "backward_barrier",
-           "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul", "decode_cache_grows", "head_as_kernel",
-           "VOCAB_MULTIPLE"]
+__all__ = ["layer_norm_mean", "scale_and_shift", "project_qkv", "logits", "block_input", "sum_of_squares",
+           "backward_barrier", "linear_promote_dtype", "linear_dot_general", "stored_weights_matmul",
+           "decode_cache_grows", "head_as_kernel", "VOCAB_MULTIPLE"]
